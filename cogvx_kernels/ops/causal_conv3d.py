@@ -1,0 +1,156 @@
+"""`causal_conv3d`: the temporally causal 3D convolution of CogVideoX's VAE.
+
+The public function validates its arguments, picks a backend from the registry and calls it. The
+C++ op `cogvx::causal_conv3d` (CPU and CUDA kernels) and the Python custom op
+`cogvx::causal_conv3d_triton` both get a fake implementation (torch.compile traces them without
+graph breaks) and autograd (a `*_backward` op) here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _registry
+from ..reference.causal_conv3d import causal_conv3d as reference_causal_conv3d
+from ._checks import check_like, check_nonempty, check_shape, check_tensor
+
+OP = "causal_conv3d"
+
+
+def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  halo: torch.Tensor | None = None, *, padding: tuple[int, int] | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """Causal 3D convolution, stride 1.
+
+    x: (B, C_in, T, H, W). weight: (C_out, C_in, kt, kh, kw). bias: (C_out,) or None.
+    halo: the kt-1 frames preceding x, (B, C_in, kt-1, H, W); None at the start of a video, where the
+    first frame is repeated kt-1 times. padding: zero spatial padding (ph, pw), default (kh//2, kw//2).
+    Returns (B, C_out, T, H + 2ph - kh + 1, W + 2pw - kw + 1); output frame t depends only on input
+    frames <= t (and the halo).
+    """
+    pad_h, pad_w = check_args(x, weight, bias, halo, padding)
+    impl = _registry.select(OP, backend, x.device, x.dtype)
+    return impl.fn(x, weight, bias, halo, pad_h, pad_w)
+
+
+def check_args(x, weight, bias, halo, padding) -> tuple[int, int]:
+    check_tensor("x", x, dim=5, shape_doc="(B, C_in, T, H, W)")
+    check_tensor("weight", weight, dim=5, shape_doc="(C_out, C_in, kt, kh, kw)")
+    check_like("weight", weight, "x", x)
+    check_nonempty("x", x)
+    check_nonempty("weight", weight)
+    B, C_in, T, H, W = x.shape
+    C_out, w_in, kt, kh, kw = weight.shape
+    if w_in != C_in:
+        raise ValueError(f"weight must have C_in={C_in} input channels like x (B, C_in, T, H, W); "
+                         f"got weight of shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_like("bias", bias, "x", x)
+        check_shape("bias", bias, (C_out,), "(C_out,)")
+    if halo is not None:
+        check_tensor("halo", halo)
+        check_like("halo", halo, "x", x)
+        check_shape("halo", halo, (B, C_in, kt - 1, H, W), "(B, C_in, kt-1, H, W): the kt-1 frames before x")
+    if padding is None:
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"weight has an even spatial extent (kh={kh}, kw={kw}): the default padding "
+                             "(kh//2, kw//2) would not keep H and W; pass padding=(ph, pw) explicitly")
+        pad_h, pad_w = kh // 2, kw // 2
+    else:
+        if (not isinstance(padding, (tuple, list)) or len(padding) != 2
+                or not all(isinstance(p, int) and p >= 0 for p in padding)):
+            raise ValueError(f"padding must be a pair of non-negative ints (ph, pw); got {padding!r}")
+        pad_h, pad_w = padding
+    if H + 2 * pad_h < kh or W + 2 * pad_w < kw:
+        raise ValueError(f"the padded frame ({H + 2 * pad_h}×{W + 2 * pad_w}) is smaller than the kernel "
+                         f"({kh}×{kw}); x has H={H}, W={W}, padding=({pad_h}, {pad_w})")
+    return pad_h, pad_w
+
+
+# ---- custom ops: fake implementations and autograd ------------------------------------------
+
+def _output_like(x, weight, pad_h, pad_w):
+    B, _, T, H, W = x.shape
+    C_out, _, _, kh, kw = weight.shape
+    return x.new_empty((B, C_out, T, H + 2 * pad_h - kh + 1, W + 2 * pad_w - kw + 1))
+
+
+def _grads_like(x, weight, halo, has_bias):
+    grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    grad_halo = torch.empty_like(halo, memory_format=torch.contiguous_format) if halo is not None else x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), grad_bias, grad_halo)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, halo, pad_h, pad_w = inputs
+    ctx.save_for_backward(x, weight, halo)
+    ctx.pads = (pad_h, pad_w)
+    ctx.has_bias = bias is not None
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_out):
+        x, weight, halo = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, grad_halo = backward_op(
+            grad_out.contiguous(), x, weight, halo, *ctx.pads, ctx.has_bias)
+        return (grad_x, grad_weight, grad_bias if ctx.has_bias else None,
+                grad_halo if halo is not None else None, None, None)
+    return backward
+
+
+def _register_native():
+    """Fake impls and autograd of the C++ ops (CPU and CUDA kernels come from `_C`)."""
+    torch.library.register_fake("cogvx::causal_conv3d")(
+        lambda x, weight, bias, halo, pad_h, pad_w: _output_like(x, weight, pad_h, pad_w))
+    torch.library.register_fake("cogvx::causal_conv3d_backward")(
+        lambda grad_out, x, weight, halo, pad_h, pad_w, has_bias: _grads_like(x, weight, halo, has_bias))
+    torch.library.register_autograd("cogvx::causal_conv3d",
+                                    _autograd_backward(torch.ops.cogvx.causal_conv3d_backward),
+                                    setup_context=_setup_context)
+
+
+@torch.library.custom_op("cogvx::causal_conv3d_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    halo: Optional[torch.Tensor], pad_h: int, pad_w: int) -> torch.Tensor:
+    from ..triton import causal_conv3d as kernels
+    return kernels.forward(x, weight, bias, halo, pad_h, pad_w)
+
+
+@torch.library.custom_op("cogvx::causal_conv3d_triton_backward", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     halo: Optional[torch.Tensor], pad_h: int, pad_w: int,
+                     has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import causal_conv3d as kernels
+    return kernels.backward(grad_out, x, weight, halo, pad_h, pad_w, has_bias)
+
+
+_triton_forward.register_fake(lambda x, weight, bias, halo, pad_h, pad_w: _output_like(x, weight, pad_h, pad_w))
+_triton_backward.register_fake(
+    lambda grad_out, x, weight, halo, pad_h, pad_w, has_bias: _grads_like(x, weight, halo, has_bias))
+_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
+
+
+def _native_forward(x, weight, bias, halo, pad_h, pad_w):
+    return torch.ops.cogvx.causal_conv3d(x, weight, bias, halo, pad_h, pad_w)
+
+
+# ---- registry ---------------------------------------------------------------------------------
+# Forward tolerances (atol, rtol) against the reference run in fp32 on the same (rounded) inputs.
+_HALF_TOL = {torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+_registry.register(_registry.Implementation(
+    OP, "reference", reference_causal_conv3d,
+    tolerances={torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0), torch.bfloat16: (2e-2, 2e-2),
+                torch.float16: (4e-3, 4e-3)}))
+_registry.register(_registry.Implementation(
+    OP, "cpu", _native_forward, native_op=OP,
+    tolerances={torch.float32: (1e-4, 1e-4), **_HALF_TOL}))
+_registry.register(_registry.Implementation(
+    OP, "cuda", _native_forward, native_op=OP,
+    tolerances={torch.float32: (1e-4, 1e-4), **_HALF_TOL}))
+_registry.register(_registry.Implementation(
+    OP, "triton", _triton_forward,
+    # fp32 dots may use TF32 on GPUs: 1e-2 covers it (exact IEEE under the interpreter)
+    tolerances={torch.float32: (1e-2, 1e-2), **_HALF_TOL}))

@@ -1,0 +1,4 @@
+"""Plain-PyTorch reference implementations: readable, and the ground truth of every parity test."""
+from .causal_conv3d import causal_conv3d
+
+__all__ = ["causal_conv3d"]

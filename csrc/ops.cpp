@@ -1,0 +1,22 @@
+// Every schema of the cogvx op library, declared once. Implementations register per dispatch key
+// from csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and autograd are registered
+// in Python (cogvx_kernels/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(cogvx, m) {
+  // y = causal 3D convolution of x, time-padded in front by `halo` (kt-1 frames) or, without a
+  // halo, by the first frame of x repeated; zero spatial padding (pad_h, pad_w); stride 1.
+  m.def("causal_conv3d(Tensor x, Tensor weight, Tensor? bias, Tensor? halo, int pad_h, int pad_w) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_bias, grad_halo); grad_bias is empty when has_bias is
+  // false and grad_halo is empty when halo is None.
+  m.def(
+      "causal_conv3d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? halo, int pad_h, "
+      "int pad_w, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Lets `import cogvx_kernels._C` load the library (the ops register through static initialisers).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "cogvx C++/CUDA ops", -1, nullptr};
+  return PyModule_Create(&module);
+}
