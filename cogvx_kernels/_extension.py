@@ -1,13 +1,15 @@
-"""Loads the compiled op library `cogvx_kernels._C` and says what it holds."""
+"""Loads the compiled op library `cogvx_kernels._C` and records which kernels it registered.
+
+Both are computed once at import, so that backend choice is plain data that torch.compile can
+trace (querying the dispatcher inside a compiled region would break the graph).
+"""
 import functools
 import warnings
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None when `_C` loaded, else why not (shown by `python -m cogvx_kernels.info`)."""
+def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers the cogvx:: ops)
     except ImportError as exc:
@@ -15,17 +17,30 @@ def load_error() -> str | None:
     return None
 
 
+LOAD_ERROR: str | None = _load()
+
+
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    if LOAD_ERROR is not None:
+        return frozenset()
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cogvx::")]
+    return frozenset((name.split("::", 1)[1], key) for name in names for key in ("CPU", "CUDA")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
+
+
+NATIVE_KERNELS = _registered_kernels()
+
+
+def load_error() -> str | None:
+    """None when `_C` loaded, else why not (shown by `python -m cogvx_kernels.info`)."""
+    return LOAD_ERROR
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether `cogvx::op` has a kernel registered for `dispatch_key` ("CPU" or "CUDA")."""
-    if load_error() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cogvx::{op}", dispatch_key)
-
-
-def warn_once(message: str) -> None:
-    _warn_once(message)
+    """Whether `cogvx::op` has a C++/CUDA kernel registered for `dispatch_key` ("CPU" or "CUDA")."""
+    return (op, dispatch_key) in NATIVE_KERNELS
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -7,7 +7,6 @@ TRITON_INTERPRET=1, which is how they are tested without a GPU).
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -22,13 +21,15 @@ BACKENDS = tuple(BACKEND_RANK)
 ALL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> str | None:
+def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     return None
+
+
+TRITON_IMPORT_ERROR = _triton_import_error()  # once, at import: backend choice stays traceable
 
 
 def triton_interpreted() -> bool:
@@ -70,8 +71,8 @@ class Implementation:
                 return None
             return load_error() or "cogvx_kernels._C was built without CUDA kernels"
         if self.backend == "triton":
-            if triton_import_error():
-                return triton_import_error()
+            if TRITON_IMPORT_ERROR:
+                return TRITON_IMPORT_ERROR
             if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
                 return None
             return f"the triton backend takes CUDA tensors ({device.type} only with TRITON_INTERPRET=1)"
@@ -117,7 +118,9 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
                              f"Available: {', '.join(available(op, device))}")
         return impl
     for impl in implementations(op):
-        if impl.backend != "reference" and dtype in impl.dtypes and impl.unavailable(device) is None:
+        if impl.backend == "reference" or (impl.backend == "triton" and device.type == "cpu"):
+            continue  # interpreted Triton is for tests: only when asked for by name
+        if dtype in impl.dtypes and impl.unavailable(device) is None:
             if device.type == "cuda" and impl.backend != "cuda":
                 warn_once(f"cogvx: {op} uses the {impl.backend} backend on CUDA because "
                           f"{impls['cuda'].unavailable(device) if 'cuda' in impls else 'there is no CUDA kernel'}")

@@ -1,0 +1,32 @@
+"""Test set-up. Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set
+before any @triton.jit decorator runs, so it is set here, before cogvx_kernels is imported."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cogvx_kernels  # noqa: E402,F401  (registers the ops)
+
+NO_GPU = "needs a CUDA GPU (none present): run scripts/gpu_check.sh on a GPU machine"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped with a message when none is present")
+    config.addinivalue_line("markers", "slow: slower tests (still part of the default run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_GPU)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def parity_devices():
+    """Devices the parity tests run on: the CPU always, the GPU when there is one."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
