@@ -1,13 +1,16 @@
 // C++ CPU kernel of the temporally causal 3D convolution.
 //
-// Method: im2col-free implicit GEMM by kernel tap. One task computes one output row
-// (C_out × W') as a sum over the kt·kh·kw taps of W_tap (C_out × C_in) · X_row (C_in × len), where
-// X_row is a strided view straight into x or the halo (lda = channel stride), so nothing of the
-// padded activation is ever copied; border columns that would read zero padding are simply left
-// out of the GEMM range (valid_output_range). Each GEMM is oneDNN's fp32 batch-reduce GEMM micro-kernel
-// that ATen exports (at::native::cpublas::brgemm); bf16/fp16 rows are widened to fp32 one row at
-// a time (oneDNN's bf16 brgemm needs VNNI-packed operands), so accumulation is always fp32. Rows are spread over threads with
-// at::parallel_for; the index math lives in csrc/common/causal_conv3d.h, shared with the CUDA file.
+// Method: implicit GEMM over a few output rows at a time, no im2col of the activation. A task
+// owns R output rows of one frame (N = R·W' columns) and, for each temporal tap dt, packs the kh·kw
+// shifted copies of the rows it needs (K = kh·kw·C_in) straight from x or the halo, through their
+// strides (any layout, no copy of the activation), writing zeros where a tap falls on the spatial
+// padding; then y_rows += W_dt (C_out × K) · P (K × N). The packing is the GEMM's own operand
+// packing (the same thing any GEMM does per panel), O(K·N) floats per thread. The GEMM is oneDNN's
+// fp32 batch-reduce micro-kernel exported by ATen (at::native::cpublas::brgemm); bf16/fp16 values
+// are widened to fp32 while packing, so accumulation is always fp32. Tasks are spread with
+// at::parallel_for; the halo/first-frame and border index math lives in csrc/common/causal_conv3d.h,
+// shared with the CUDA file. Why not at::conv3d on views: the halo and the first kt-1 output
+// frames would still need a concatenated copy, and oneDNN would re-layout the activation anyway.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -23,19 +26,29 @@ namespace {
 namespace cc = causal_conv3d;
 
 // C (M×N, row-major, ld_c, fp32) += A (M×K, ld_a) · B (K×N, ld_b), all fp32. oneDNN's batch-reduce
-// GEMM micro-kernel (exported by ATen) where torch has it, a plain loop otherwise.
+// GEMM micro-kernel (exported by ATen) where torch has it, a plain loop otherwise. The micro-kernel
+// does no cache blocking of its own, so blocks of M and K stay cache-sized here (measured on AVX2:
+// K 1152 in one call runs at about half the speed of K 256 blocks).
 void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
               int64_t ld_b, float* C, int64_t ld_c) {
   if (M <= 0 || N <= 0 || K <= 0) return;
+  constexpr int64_t kBlockM = 128, kBlockK = 256;
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockM)
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      const int64_t m = std::min(kBlockM, M - m0), k = std::min(kBlockK, K - k0);
+      const float* a = A + m0 * ld_a + k0;
+      const float* b = B + k0 * ld_b;
+      float* c = C + m0 * ld_c;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, /*add_C=*/true, A, B, C, /*is_vnni=*/false);
+      at::native::cpublas::brgemm(m, N, k, ld_a, ld_b, ld_c, /*add_C=*/true, a, b, c, /*is_vnni=*/false);
 #else
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[m * ld_a + k];
-      for (int64_t n = 0; n < N; ++n) C[m * ld_c + n] += a * B[k * ld_b + n];
-    }
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const float av = a[i * ld_a + kk];
+          for (int64_t n = 0; n < N; ++n) c[i * ld_c + n] += av * b[kk * ld_b + n];
+        }
 #endif
+    }
 }
 
 void gemm_release() {
@@ -50,174 +63,210 @@ void gemm_release() {
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Strided 5-D frames (B, C, T, H, W) with a unit innermost stride.
+// Strided 5-D frames (B, C, T, H, W).
 template <typename scalar_t>
 struct Frames {
   const scalar_t* data;
-  int64_t sb, sc, st, sh;
+  int64_t sb, sc, st, sh, sw;
   const scalar_t* row(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * st + h * sh; }
 };
 
 template <typename scalar_t>
 Frames<scalar_t> frames_of(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
-// Unit stride along W (and a channel stride that can serve as a GEMM leading dimension) lets every
-// row be a GEMM operand in place; other layouts (channels_last_3d) get one contiguous copy.
-at::Tensor with_unit_row_stride(const at::Tensor& t) {
-  const bool rows_ok = (t.size(4) <= 1 || t.stride(4) == 1) && t.stride(1) >= t.size(4);
-  return rows_ok ? t : t.contiguous();
+// Pixels (of one frame, flattened row-major) handled by one task: 256 makes a wide GEMM whose N is
+// a multiple of 16 (the micro-kernel's sweet spot); fewer when that would leave threads idle.
+int64_t pixels_per_task(int64_t pixels, int64_t outer_tasks) {
+  int64_t n = 256;
+  const int64_t threads = at::get_num_threads();
+  while (n > 32 && outer_tasks * ((pixels + n - 1) / n) < 4 * threads) n /= 2;
+  return std::min(n, pixels);
 }
 
-// One row (C × n, channel stride sc) as an fp32 GEMM operand with its leading dimension: the row
-// itself for fp32, else converted into `buf` (fp32 accumulation for bf16/fp16 inputs).
+// Packs, for one source frame, the kh·kw shifted copies that pixels [p0, p0 + n) of a frame of
+// `width` columns read, as the GEMM's B operand P (kh·kw·C × n, fp32):
+//   P[(dh·kw + dw)·C + c][p - p0] = frame[c, row_of(row(p), dh), col(column(p), dw)]
+// and zero where the tap falls on the padding (row_of returns -1; range(dw) gives the columns
+// [lo, hi) whose tap dw lands inside the frame). This is the GEMM's own operand packing of a
+// 256-pixel panel, not an im2col of the activation.
+template <typename scalar_t, typename RowOf, typename Range, typename Col>
+void pack_taps(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t kh, int64_t kw,
+               int64_t p0, int64_t n, int64_t width, RowOf row_of, Range range, Col col, float* P) {
+  for (int64_t dh = 0; dh < kh; ++dh)
+    for (int64_t dw = 0; dw < kw; ++dw) {
+      int64_t lo, hi;
+      range(dw, &lo, &hi);
+      for (int64_t c = 0; c < C; ++c) {
+        float* dst = P + ((dh * kw + dw) * C + c) * n - p0;  // dst[p] for p in [p0, p0 + n)
+        for (int64_t p = p0; p < p0 + n;) {
+          const int64_t row = p / width, first = p % width;
+          const int64_t last = std::min(width, first + (p0 + n - p));  // columns [first, last) of this row
+          const int64_t src_row = row_of(row, dh);
+          float* d = dst + row * width;  // d[column]
+          const int64_t l = src_row < 0 ? last : std::min(std::max(lo, first), last);
+          const int64_t h = src_row < 0 ? last : std::max(std::min(hi, last), l);
+          std::fill(d + first, d + l, 0.f);
+          if (h > l) {
+            const scalar_t* src = f.row(b, frame, src_row) + c * f.sc;
+            if (f.sw == 1) {
+              const scalar_t* s0 = src + col(l, dw) - l;
+              for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(s0[o]);
+            } else {
+              for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(src[col(o, dw) * f.sw]);
+            }
+          }
+          std::fill(d + h, d + last, 0.f);
+          p += last - first;
+        }
+      }
+    }
+}
+
+// Writes pixels [p0, p0 + n) of frame `frame` of dst (any strides) from the fp32 tile (C × n).
 template <typename scalar_t>
-std::pair<const float*, int64_t> fp32_row(const scalar_t* row, int64_t sc, int64_t C, int64_t n,
-                                          std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return {row, sc};
-  } else {
-    buf.resize(C * n);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < n; ++i) buf[c * n + i] = static_cast<float>(row[c * sc + i]);
-    return {buf.data(), n};
+void store_pixels(const std::vector<float>& tile, int64_t C, int64_t p0, int64_t n, at::Tensor& dst,
+                  int64_t b, int64_t frame) {
+  const int64_t width = dst.size(4);
+  scalar_t* base = dst.data_ptr<scalar_t>() + b * dst.stride(0) + frame * dst.stride(2);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* s = tile.data() + c * n - p0;
+    scalar_t* d = base + c * dst.stride(1);
+    for (int64_t p = p0; p < p0 + n; ++p)
+      d[(p / width) * dst.stride(3) + (p % width) * dst.stride(4)] = static_cast<scalar_t>(s[p]);
   }
 }
 
+// y[b, :, t, pixels] = bias + Σ_dt W_dt (C_out × kh·kw·C_in) · P_dt, P_dt packed from padded frame t+dt.
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& x, const at::Tensor& w_taps, const at::Tensor* bias,
+void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor* bias,
                     const at::Tensor* halo, int64_t kt, int64_t kh, int64_t kw, int64_t pad_h,
                     int64_t pad_w, at::Tensor& y) {
   const int64_t B = x.size(0), Cin = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t Cout = y.size(1), Ho = y.size(3), Wo = y.size(4);
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
-  const float* wp = w_taps.data_ptr<float>();  // (kt, kh, kw, Cout, Cin)
+  const float* wp = w_packed.data_ptr<float>();  // (kt, Cout, kh, kw, Cin)
+  const int64_t K = kh * kw * Cin;
   const bool has_halo = halo != nullptr;
   std::vector<float> bias_f(Cout, 0.f);
   if (bias) {
     auto bf = bias->to(at::kFloat).contiguous();
     std::copy(bf.data_ptr<float>(), bf.data_ptr<float>() + Cout, bias_f.begin());
   }
-  scalar_t* yp = y.data_ptr<scalar_t>();
-  const int64_t ysb = y.stride(0), ysc = y.stride(1), yst = y.stride(2), ysh = y.stride(3);
+  const int64_t NB = pixels_per_task(Ho * Wo, B * T);
+  const int64_t blocks = (Ho * Wo + NB - 1) / NB;
 
-  at::parallel_for(0, B * T * Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(Cout * Wo);  // one output row (Cout × Wo)
-    std::vector<float> buf;
+  at::parallel_for(0, B * T * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(Cout * NB), P(K * NB);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t oh = task % Ho, t = (task / Ho) % T, b = task / (Ho * T);
-      for (int64_t co = 0; co < Cout; ++co)
-        std::fill(out.begin() + co * Wo, out.begin() + (co + 1) * Wo, bias_f[co]);
+      const int64_t p0 = (task % blocks) * NB, t = (task / blocks) % T, b = task / (blocks * T);
+      const int64_t N = std::min(NB, Ho * Wo - p0);
+      for (int64_t co = 0; co < Cout; ++co) std::fill(out.begin() + co * N, out.begin() + (co + 1) * N, bias_f[co]);
       for (int64_t dt = 0; dt < kt; ++dt) {
         const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, has_halo);
-        const auto& f = src.from_halo ? hs : xs;
-        for (int64_t dh = 0; dh < kh; ++dh) {
-          const int64_t ih = cc::input_coord(oh, dh, pad_h);
-          if (!cc::in_bounds(ih, H)) continue;
-          const auto [xrow, ldx] = fp32_row(f.row(b, src.index, ih), f.sc, Cin, W, buf);
-          for (int64_t dw = 0; dw < kw; ++dw) {
-            int64_t lo, hi;
-            cc::valid_output_range(dw, pad_w, W, Wo, &lo, &hi);
-            const float* wt = wp + ((dt * kh + dh) * kw + dw) * Cout * Cin;
-            // out[:, lo:hi] += W_tap (Cout × Cin) · x[:, lo+dw-pw : hi+dw-pw]
-            gemm_acc(Cout, hi - lo, Cin, wt, Cin, xrow + cc::input_coord(lo, dw, pad_w), ldx,
-                     out.data() + lo, Wo);
-          }
-        }
+        pack_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, p0, N, Wo,
+                  [&](int64_t oh, int64_t dh) {
+                    const int64_t ih = cc::input_coord(oh, dh, pad_h);
+                    return cc::in_bounds(ih, H) ? ih : int64_t(-1);
+                  },
+                  [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
+                  [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P.data());
+        gemm_acc(Cout, N, K, wp + dt * Cout * K, K, P.data(), N, out.data(), N);
       }
-      scalar_t* yrow = yp + b * ysb + t * yst + oh * ysh;
-      for (int64_t co = 0; co < Cout; ++co)
-        for (int64_t ow = 0; ow < Wo; ++ow) yrow[co * ysc + ow] = static_cast<scalar_t>(out[co * Wo + ow]);
+      store_pixels<scalar_t>(out, Cout, p0, N, y, b, t);
     }
     gemm_release();
   });
 }
 
-// Gradient of the time-padded input folded onto the stored frames: each task owns one row of one
-// stored frame (halo or x), so no two tasks write the same element.
+// Gradient of the time-padded input folded onto the stored frames: a task owns pixels of one stored
+// frame (halo or x) and sums over every padded frame that reads it, so each element is written once.
+// grad[b, :, s, pixels] = Σ_j Σ_dt W'_dt (C_in × kh·kw·C_out) · P, P packed from grad_out frame j-dt.
 template <typename scalar_t>
-void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_taps_t, bool has_halo, int64_t kt,
+void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool has_halo, int64_t kt,
                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gx,
                        at::Tensor* ghalo) {
   const int64_t B = gx.size(0), Cin = gx.size(1), T = gx.size(2), H = gx.size(3), W = gx.size(4);
   const int64_t Cout = gy.size(1), Ho = gy.size(3), Wo = gy.size(4);
   const int64_t lead = has_halo ? kt - 1 : 0;  // halo frames that get their own gradient
   const auto gs = frames_of<scalar_t>(gy);
-  const float* wp = w_taps_t.data_ptr<float>();  // (kt, kh, kw, Cin, Cout)
+  const float* wp = w_packed_t.data_ptr<float>();  // (kt, Cin, kh, kw, Cout)
+  const int64_t K = kh * kw * Cout;
+  const int64_t NB = pixels_per_task(H * W, B * (lead + T));
+  const int64_t blocks = (H * W + NB - 1) / NB;
 
-  at::parallel_for(0, B * (lead + T) * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(Cin * W);  // one input row (Cin × W)
-    std::vector<float> buf;
+  at::parallel_for(0, B * (lead + T) * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(Cin * NB), P(K * NB);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t ih = task % H, s = (task / H) % (lead + T), b = task / (H * (lead + T));
+      const int64_t p0 = (task % blocks) * NB, s = (task / blocks) % (lead + T), b = task / (blocks * (lead + T));
+      const int64_t N = std::min(NB, H * W - p0);
       const bool is_halo = s < lead;
       const int64_t index = is_halo ? s : s - lead;
       int64_t j_lo, j_hi;
       cc::padded_frames_of_source(is_halo, index, kt, has_halo, &j_lo, &j_hi);
-      std::fill(out.begin(), out.end(), 0.f);
-      for (int64_t j = j_lo; j < j_hi; ++j) {
+      std::fill(out.begin(), out.begin() + Cin * N, 0.f);
+      for (int64_t j = j_lo; j < j_hi; ++j)
         for (int64_t dt = 0; dt < kt; ++dt) {
           const int64_t t = j - dt;
           if (!cc::in_bounds(t, T)) continue;
-          for (int64_t dh = 0; dh < kh; ++dh) {
-            const int64_t oh = ih - dh + pad_h;  // the output row whose tap dh reads row ih
-            if (!cc::in_bounds(oh, Ho)) continue;
-            const auto [grow, ldg] = fp32_row(gs.row(b, t, oh), gs.sc, Cout, Wo, buf);
-            for (int64_t dw = 0; dw < kw; ++dw) {
-              int64_t lo, hi;
-              cc::valid_input_range(dw, pad_w, W, Wo, &lo, &hi);
-              const float* wt = wp + ((dt * kh + dh) * kw + dw) * Cin * Cout;
-              // out[:, lo:hi] += W_tap^T (Cin × Cout) · gy[:, lo-dw+pw : hi-dw+pw]
-              gemm_acc(Cin, hi - lo, Cout, wt, Cout, grow + (lo - dw + pad_w), ldg, out.data() + lo, W);
-            }
-          }
+          pack_taps(gs, b, t, Cout, kh, kw, p0, N, W,
+                    [&](int64_t ih, int64_t dh) {
+                      const int64_t oh = ih - dh + pad_h;  // the output row whose tap dh reads row ih
+                      return cc::in_bounds(oh, Ho) ? oh : int64_t(-1);
+                    },
+                    [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_input_range(dw, pad_w, W, Wo, lo, hi); },
+                    [&](int64_t iw, int64_t dw) { return iw - dw + pad_w; }, P.data());
+          gemm_acc(Cin, N, K, wp + dt * Cin * K, K, P.data(), N, out.data(), N);
         }
-      }
-      at::Tensor& dst = is_halo ? *ghalo : gx;
-      scalar_t* drow = dst.data_ptr<scalar_t>() + b * dst.stride(0) + index * dst.stride(2) + ih * dst.stride(3);
-      for (int64_t ci = 0; ci < Cin; ++ci)
-        for (int64_t iw = 0; iw < W; ++iw) drow[ci * dst.stride(1) + iw] = static_cast<scalar_t>(out[ci * W + iw]);
+      store_pixels<scalar_t>(out, Cin, p0, N, is_halo ? *ghalo : gx, b, index);
     }
     gemm_release();
   });
 }
 
-// Gradient of the weight: one task per kernel tap, reducing over every output row.
+// Gradient of the weight: dW_dt (C_out × kh·kw·C_in) = Σ_pixels grad_out (C_out × N) · Pᵀ (N × K).
+// Tasks split dt × blocks of C_out (deterministic: each task owns its slice of dW).
 template <typename scalar_t>
 void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor* halo, int64_t kt,
-                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gw_taps) {
+                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gw_packed) {
   const int64_t B = x.size(0), Cin = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t Cout = gy.size(1), Ho = gy.size(3), Wo = gy.size(4);
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
   const auto gs = frames_of<scalar_t>(gy);
-  float* gwp = gw_taps.data_ptr<float>();  // (kt, kh, kw, Cout, Cin)
+  float* gwp = gw_packed.data_ptr<float>();  // (kt, Cout, kh, kw, Cin)
+  const int64_t K = kh * kw * Cin;
+  const int64_t co_block = std::min<int64_t>(Cout, 64);
+  const int64_t co_blocks = (Cout + co_block - 1) / co_block;
+  const int64_t NB = std::min<int64_t>(Ho * Wo, 256);
 
-  at::parallel_for(0, kt * kh * kw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xt, buf;
-    for (int64_t tap = begin; tap < end; ++tap) {
-      const int64_t dw = tap % kw, dh = (tap / kw) % kh, dt = tap / (kw * kh);
-      float* d = gwp + tap * Cout * Cin;
-      int64_t lo, hi;
-      cc::valid_output_range(dw, pad_w, W, Wo, &lo, &hi);
-      const int64_t len = hi - lo;
-      xt.resize(std::max<int64_t>(len, 1) * Cin);
+  at::parallel_for(0, kt * co_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(K * NB), PT(NB * K), G(co_block * NB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t dt = task / co_blocks, co0 = (task % co_blocks) * co_block;
+      const int64_t M = std::min(co_block, Cout - co0);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t) {
           const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, halo != nullptr);
-          const auto& f = src.from_halo ? hs : xs;
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            const int64_t ih = cc::input_coord(oh, dh, pad_h);
-            if (!cc::in_bounds(ih, H) || len <= 0) continue;
-            // x[:, lo+dw-pw : hi+dw-pw] transposed to (len × Cin), in fp32
-            const scalar_t* xrow = f.row(b, src.index, ih) + cc::input_coord(lo, dw, pad_w);
-            for (int64_t ci = 0; ci < Cin; ++ci)
-              for (int64_t i = 0; i < len; ++i) xt[i * Cin + ci] = static_cast<float>(xrow[ci * f.sc + i]);
-            const auto [grow, ldg] = fp32_row(gs.row(b, t, oh), gs.sc, Cout, Wo, buf);
-            // dW_tap (Cout × Cin) += gy[:, lo:hi] (Cout × len) · x^T (len × Cin)
-            gemm_acc(Cout, Cin, len, grow + lo, ldg, xt.data(), Cin, d, Cin);
+          for (int64_t p0 = 0; p0 < Ho * Wo; p0 += NB) {
+            const int64_t N = std::min(NB, Ho * Wo - p0);
+            pack_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, p0, N, Wo,
+                      [&](int64_t oh, int64_t dh) {
+                        const int64_t ih = cc::input_coord(oh, dh, pad_h);
+                        return cc::in_bounds(ih, H) ? ih : int64_t(-1);
+                      },
+                      [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
+                      [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P.data());
+            for (int64_t k = 0; k < K; ++k)  // Pᵀ: the micro-kernel takes row-major operands only
+              for (int64_t n = 0; n < N; ++n) PT[n * K + k] = P[k * N + n];
+            for (int64_t co = 0; co < M; ++co) {
+              const scalar_t* g = gs.row(b, t, 0) + (co0 + co) * gs.sc;
+              for (int64_t p = p0; p < p0 + N; ++p)
+                G[co * N + p - p0] = static_cast<float>(g[(p / Wo) * gs.sh + (p % Wo) * gs.sw]);
+            }
+            gemm_acc(M, K, N, G.data(), N, PT.data(), K, gwp + (dt * Cout + co0) * K, K);
           }
         }
     }
@@ -243,15 +292,15 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                              int64_t pad_h, int64_t pad_w) {
   check_inputs(x_in, weight, halo_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
-  const at::Tensor x = with_unit_row_stride(x_in);
+  const at::Tensor& x = x_in;  // read through its strides: no copy for any layout
   std::optional<at::Tensor> halo;
-  if (halo_in && kt > 1) halo = with_unit_row_stride(*halo_in);
+  if (halo_in && kt > 1) halo = *halo_in;
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  const at::Tensor w_taps = weight.permute({2, 3, 4, 0, 1}).to(at::kFloat).contiguous();
+  const at::Tensor w_packed = weight.permute({2, 0, 3, 4, 1}).to(at::kFloat).contiguous();
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
-    forward_kernel<scalar_t>(x, w_taps, bias ? &*bias : nullptr, halo ? &*halo : nullptr, kt, kh, kw,
+    forward_kernel<scalar_t>(x, w_packed, bias ? &*bias : nullptr, halo ? &*halo : nullptr, kt, kh, kw,
                              pad_h, pad_w, y);
   });
   return y;
@@ -262,28 +311,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
     const std::optional<at::Tensor>& halo_in, int64_t pad_h, int64_t pad_w, bool has_bias) {
   check_inputs(x_in, weight, halo_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
-  const at::Tensor x = with_unit_row_stride(x_in);
-  const at::Tensor gy = grad_out.contiguous();
+  const at::Tensor& x = x_in;
+  const at::Tensor& gy = grad_out;
   const bool has_halo = halo_in.has_value() && kt > 1;
   std::optional<at::Tensor> halo;
-  if (has_halo) halo = with_unit_row_stride(*halo_in);
+  if (has_halo) halo = *halo_in;
 
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor ghalo = halo_in ? at::zeros(halo_in->sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gw_taps = at::zeros({kt, kh, kw, weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat));
+  at::Tensor gw_packed = at::zeros({kt, weight.size(0), kh, kw, weight.size(1)}, weight.options().dtype(at::kFloat));
   at::Tensor gb = has_bias ? gy.sum({0, 2, 3, 4}, false, at::kFloat).to(weight.scalar_type())
                            : at::empty({0}, weight.options());
   if (gy.numel() == 0 || x.numel() == 0) {
     gx.zero_();
   } else {
-    const at::Tensor w_taps_t = weight.permute({2, 3, 4, 1, 0}).to(at::kFloat).contiguous();
+    const at::Tensor w_packed_t = weight.permute({2, 1, 3, 4, 0}).to(at::kFloat).contiguous();
     COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_backward_cpu", [&] {
-      grad_input_kernel<scalar_t>(gy, w_taps_t, has_halo, kt, kh, kw, pad_h, pad_w, gx,
+      grad_input_kernel<scalar_t>(gy, w_packed_t, has_halo, kt, kh, kw, pad_h, pad_w, gx,
                                   has_halo ? &ghalo : nullptr);
-      grad_weight_kernel<scalar_t>(gy, x, halo ? &*halo : nullptr, kt, kh, kw, pad_h, pad_w, gw_taps);
+      grad_weight_kernel<scalar_t>(gy, x, halo ? &*halo : nullptr, kt, kh, kw, pad_h, pad_w, gw_packed);
     });
   }
-  at::Tensor gw = gw_taps.permute({3, 4, 0, 1, 2}).to(weight.scalar_type()).contiguous();
+  at::Tensor gw = gw_packed.permute({1, 4, 0, 2, 3}).to(weight.scalar_type()).contiguous();
   return {gx, gw, gb, ghalo};
 }
 
