@@ -13,6 +13,23 @@ TORCH_LIBRARY(cogvx, m) {
   m.def(
       "causal_conv3d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? halo, int pad_h, "
       "int pad_w, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // 3D RoPE of x (B, heads, text_len + T·H·W, D), any strides: video tokens rotated pairwise by the
+  // angles of `tables` (2, T+H+W, D/2) fp32 (cos, sin; see csrc/common/rope3d.h); text tokens
+  // copied. `inverse` rotates by minus the angle (the backward). The `_` variant writes into x.
+  m.def("rope3d(Tensor x, Tensor tables, int text_len, int grid_t, int grid_h, int grid_w, int[] axes_dim, bool inverse) -> Tensor");
+  m.def("rope3d_(Tensor(a!) x, Tensor tables, int text_len, int grid_t, int grid_h, int grid_w, int[] axes_dim, bool inverse) -> ()");
+  // LayerNorm over D of every (b, head, token) row of x (weight/bias (D,) or None), then 3D RoPE of
+  // the video tokens, in fp32, one pass. Returns (out, mean, rstd); mean/rstd fp32 of shape x.shape[:-1].
+  m.def(
+      "qk_norm_rope3d(Tensor x, Tensor? weight, Tensor? bias, Tensor tables, int text_len, int grid_t, "
+      "int grid_h, int grid_w, int[] axes_dim, float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias): grad_weight/grad_bias in fp32 (D,), empty (0,) when
+  // the corresponding parameter is absent.
+  m.def(
+      "qk_norm_rope3d_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+      "Tensor tables, int text_len, int grid_t, int grid_h, int grid_w, int[] axes_dim, bool has_weight, "
+      "bool has_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 // Lets `import cogvx_kernels._C` load the library (the ops register through static initialisers).

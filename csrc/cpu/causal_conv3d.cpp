@@ -18,6 +18,7 @@
 
 #include <vector>
 
+#include "common/dispatch.h"
 #include "common/causal_conv3d.h"
 
 namespace cogvx {
@@ -58,11 +59,6 @@ void gemm_release() {
 }
 
 // AT_DISPATCH_FLOATING_TYPES_AND2 without double (brgemm has no fp64 kernel).
-#define COGVX_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)          \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 // Strided 5-D frames (B, C, T, H, W).
 template <typename scalar_t>
 struct Frames {

@@ -1,0 +1,244 @@
+"""`rope3d` and `qk_norm_rope3d`: CogVideoX's 3D rotary embedding, alone or fused with the
+per-head q/k LayerNorm.
+
+The public functions validate, turn the per-axis positions into tiny cos/sin tables
+(`reference.rope3d.axis_tables`, (2, T+H+W, D/2) fp32: never an (L, D) table) and call the chosen
+backend. Every backend takes (x, tables, text_len, T, H, W, axes_dim, ...) so parity is checked on
+identical inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _registry
+from ..reference import rope3d as reference
+from ._checks import check_like, check_tensor
+
+AXES_DIM = (16, 24, 24)
+
+
+def rope3d(x: torch.Tensor, *, text_len: int, pos_t, pos_h, pos_w, axes_dim=AXES_DIM, theta: float = 10000.0,
+           inplace: bool = False, backend: str | None = None) -> torch.Tensor:
+    """3D RoPE of the video tokens of x (B, heads, text_len + T·H·W, D), any strides.
+
+    pos_t, pos_h, pos_w: 1-D float positions per axis (or an int n for arange(n)); channels split
+    into axes_dim = (d_t, d_h, d_w) blocks; pair (2i, 2i+1) of block a turns by pos_a · θ^(−2i/d_a).
+    Text tokens pass through. Returns a new tensor (x untouched) unless inplace=True (inference).
+    """
+    positions, grid = check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta)
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("rope3d(inplace=True) is for inference: x requires grad; use inplace=False")
+    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
+    impl = _registry.select("rope3d", backend, x.device, x.dtype)
+    args = (tables, text_len, *grid, list(axes_dim), False)
+    if inplace:
+        impl.fn.inplace(x, *args)
+        return x
+    return impl.fn(x, *args)
+
+
+def qk_norm_rope3d(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_bias=None, norm_k_weight=None,
+                   norm_k_bias=None, *, eps: float = 1e-6, text_len: int, pos_t, pos_h, pos_w, axes_dim=AXES_DIM,
+                   theta: float = 10000.0, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head LayerNorm over D of q and k (all tokens), then 3D RoPE of their video tokens: one
+    pass over q and one over k. Weights/biases are (D,) or None (no affine)."""
+    positions, grid = check_rope_args(q, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="q")
+    check_tensor("k", k, dim=4, shape_doc="(B, heads, L, D)")
+    check_like("k", k, "q", q)
+    if k.shape[2:] != q.shape[2:] or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch, length and head dim {tuple(q.shape[:1])}…{tuple(q.shape[2:])}; "
+                         f"got {tuple(k.shape)}")
+    D = q.shape[-1]
+    for name, t in (("norm_q_weight", norm_q_weight), ("norm_q_bias", norm_q_bias),
+                    ("norm_k_weight", norm_k_weight), ("norm_k_bias", norm_k_bias)):
+        if t is not None:
+            check_tensor(name, t, dim=1, shape_doc=f"(D,) = ({D},)")
+            if t.shape[0] != D or t.device != q.device:
+                raise ValueError(f"{name} must have shape ({D},) on {q.device}; got {tuple(t.shape)} on {t.device}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive float; got {eps!r}")
+    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
+    impl = _registry.select("qk_norm_rope3d", backend, q.device, q.dtype)
+    args = (tables, text_len, *grid, list(axes_dim), float(eps))
+    return impl.fn(q, norm_q_weight, norm_q_bias, *args), impl.fn(k, norm_k_weight, norm_k_bias, *args)
+
+
+def check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="x"):
+    check_tensor(name, x, dim=4, shape_doc="(B, heads, L, D)")
+    if x.dtype == torch.float64:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
+    D = x.shape[-1]
+    if (not isinstance(axes_dim, (tuple, list)) or len(axes_dim) != 3
+            or not all(isinstance(d, int) and d > 0 for d in axes_dim)):
+        raise ValueError(f"axes_dim must be three positive ints (d_t, d_h, d_w); got {axes_dim!r}")
+    if any(d % 2 for d in axes_dim):
+        raise ValueError(f"axes_dim must all be even (channels rotate in pairs); got {tuple(axes_dim)}")
+    if sum(axes_dim) != D:
+        raise ValueError(f"sum(axes_dim) must equal the head dim D={D}; got axes_dim={tuple(axes_dim)} "
+                         f"(sum {sum(axes_dim)}); D=128 uses e.g. (32, 48, 48)")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ValueError(f"theta must be a positive float; got {theta!r}")
+    positions = []
+    for axis, pos in (("pos_t", pos_t), ("pos_h", pos_h), ("pos_w", pos_w)):
+        if isinstance(pos, int) and not isinstance(pos, bool):
+            if pos <= 0:
+                raise ValueError(f"{axis} must be a positive int or a 1-D float tensor; got {pos}")
+            pos = torch.arange(pos, dtype=torch.float32, device=x.device)
+        if not isinstance(pos, torch.Tensor):
+            raise TypeError(f"{axis} must be a 1-D float tensor (or an int n for arange(n)); got {type(pos).__name__}")
+        if not pos.is_floating_point():
+            raise TypeError(f"{axis} must be a floating tensor of positions; got {pos.dtype}")
+        if pos.dim() != 1 or pos.numel() == 0:
+            raise ValueError(f"{axis} must be a non-empty 1-D tensor; got shape {tuple(pos.shape)}")
+        if pos.device != x.device:
+            raise ValueError(f"{axis} must be on {name}'s device ({x.device}); got {pos.device}")
+        positions.append(pos)
+    if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 0:
+        raise ValueError(f"text_len must be a non-negative int; got {text_len!r}")
+    grid = tuple(p.numel() for p in positions)
+    L = x.shape[2]
+    if text_len + grid[0] * grid[1] * grid[2] != L:
+        raise ValueError(f"{name} has L={L} tokens but text_len + len(pos_t)·len(pos_h)·len(pos_w) = "
+                         f"{text_len} + {grid[0]}·{grid[1]}·{grid[2]} = {text_len + grid[0] * grid[1] * grid[2]}")
+    return positions, grid
+
+
+# ---- custom ops: fake implementations and autograd ----------------------------------------------
+
+def _rope_fake(x, tables, text_len, T, H, W, axes_dim, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, tables, text_len, T, H, W, axes_dim, inverse = inputs
+    ctx.args = (tables, text_len, T, H, W, axes_dim, not inverse)
+
+
+def _rope_backward(rope_op):
+    def backward(ctx, grad):
+        # the rotation is orthogonal: its gradient is the rotation by minus the angle
+        return (rope_op(grad, *ctx.args),) + (None,) * 7
+    return backward
+
+
+def _norm_fake(x, weight, bias, tables, text_len, T, H, W, axes_dim, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def _norm_backward_fake(grad_out, x, weight, mean, rstd, tables, text_len, T, H, W, axes_dim, has_weight, has_bias):
+    D = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((D if has_weight else 0,), dtype=torch.float32),
+            x.new_empty((D if has_bias else 0,), dtype=torch.float32))
+
+
+def _norm_setup(ctx, inputs, output):
+    x, weight, bias, tables, text_len, T, H, W, axes_dim, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd, tables)
+    ctx.grid = (text_len, T, H, W, axes_dim)
+    ctx.has = (weight is not None, bias is not None)
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _norm_backward(backward_op):
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd, tables = ctx.saved_tensors
+        grad_x, grad_w, grad_b = backward_op(grad_out.contiguous(), x, weight, mean, rstd, tables, *ctx.grid, *ctx.has)
+        grad_w = grad_w.to(ctx.dtypes[0]) if ctx.has[0] else None
+        grad_b = grad_b.to(ctx.dtypes[1]) if ctx.has[1] else None
+        return (grad_x, grad_w, grad_b) + (None,) * 7
+    return backward
+
+
+def _register_native():
+    torch.library.register_fake("cogvx::rope3d")(_rope_fake)
+    torch.library.register_fake("cogvx::rope3d_")(lambda x, *args: None)
+    torch.library.register_autograd("cogvx::rope3d", _rope_backward(torch.ops.cogvx.rope3d), setup_context=_rope_setup)
+    torch.library.register_fake("cogvx::qk_norm_rope3d")(_norm_fake)
+    torch.library.register_fake("cogvx::qk_norm_rope3d_backward")(_norm_backward_fake)
+    torch.library.register_autograd("cogvx::qk_norm_rope3d", _norm_backward(torch.ops.cogvx.qk_norm_rope3d_backward),
+                                    setup_context=_norm_setup)
+
+
+@torch.library.custom_op("cogvx::rope3d_triton", mutates_args=())
+def _rope_triton(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int, axes_dim: list[int],
+                 inverse: bool) -> torch.Tensor:
+    from ..triton import rope3d as kernels
+    return kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse)
+
+
+@torch.library.custom_op("cogvx::rope3d_triton_", mutates_args=("x",))
+def _rope_triton_inplace(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
+                         axes_dim: list[int], inverse: bool) -> None:
+    from ..triton import rope3d as kernels
+    kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse, out=x)
+
+
+@torch.library.custom_op("cogvx::qk_norm_rope3d_triton", mutates_args=())
+def _norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], tables: torch.Tensor,
+                 text_len: int, T: int, H: int, W: int, axes_dim: list[int],
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import rope3d as kernels
+    return kernels.qk_norm_rope3d(x, weight, bias, tables, text_len, T, H, W, axes_dim, eps)
+
+
+@torch.library.custom_op("cogvx::qk_norm_rope3d_triton_backward", mutates_args=())
+def _norm_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                          rstd: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
+                          axes_dim: list[int], has_weight: bool,
+                          has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import rope3d as kernels
+    return kernels.qk_norm_rope3d_backward(grad_out, x, weight, mean, rstd, tables, text_len, T, H, W, axes_dim,
+                                           has_weight, has_bias)
+
+
+_rope_triton.register_fake(_rope_fake)
+_rope_triton_inplace.register_fake(lambda x, *args: None)
+_rope_triton.register_autograd(_rope_backward(_rope_triton), setup_context=_rope_setup)
+_norm_triton.register_fake(_norm_fake)
+_norm_triton_backward.register_fake(_norm_backward_fake)
+_norm_triton.register_autograd(_norm_backward(_norm_triton_backward), setup_context=_norm_setup)
+
+
+# ---- backends -----------------------------------------------------------------------------------
+
+class _RopeBackend:
+    """Out-of-place call plus `.inplace` (the in-place variant) for one backend."""
+
+    def __init__(self, fn, inplace):
+        self.fn, self.inplace = fn, inplace
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _reference_inplace(x, *args):
+    x.copy_(reference.rope3d_tables(x, *args))
+
+
+_ROPE = {
+    "reference": _RopeBackend(reference.rope3d_tables, _reference_inplace),
+    "cpu": _RopeBackend(lambda *a: torch.ops.cogvx.rope3d(*a), lambda *a: torch.ops.cogvx.rope3d_(*a)),
+    "cuda": _RopeBackend(lambda *a: torch.ops.cogvx.rope3d(*a), lambda *a: torch.ops.cogvx.rope3d_(*a)),
+    "triton": _RopeBackend(_rope_triton, _rope_triton_inplace),
+}
+_NORM = {
+    "reference": reference.qk_norm_rope3d_tables,
+    "cpu": lambda *a: torch.ops.cogvx.qk_norm_rope3d(*a)[0],
+    "cuda": lambda *a: torch.ops.cogvx.qk_norm_rope3d(*a)[0],
+    "triton": lambda *a: _norm_triton(*a)[0],
+}
+# Forward tolerances (atol, rtol) against the fp32 reference on the same rounded inputs. Half types:
+# one rounding of the output (the reference rounds once too).
+_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+for _backend in ("reference", "cpu", "cuda", "triton"):
+    _native = "rope3d" if _backend in ("cpu", "cuda") else None
+    _registry.register(_registry.Implementation("rope3d", _backend, _ROPE[_backend], tolerances=_TOL, native_op=_native))
+    _registry.register(_registry.Implementation(
+        "qk_norm_rope3d", _backend, _NORM[_backend], tolerances=_TOL,
+        native_op="qk_norm_rope3d" if _native else None))
