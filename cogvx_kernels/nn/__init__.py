@@ -1,4 +1,5 @@
 """Drop-in, model-agnostic modules built on the ops."""
 from .causal_conv3d import CausalConv3d
+from .rope3d import Rope3D
 
-__all__ = ["CausalConv3d"]
+__all__ = ["CausalConv3d", "Rope3D"]
