@@ -1,0 +1,124 @@
+"""The benchmark harness `benchmarks/run.py`: a tiny CPU run end to end (JSON + PNG), and the
+work formulas of the causal_conv3d benchmark."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    cmd = [sys.executable, RUN, "--quick", "--tiny", "--device", "cpu", "--op", "causal_conv3d", "--backward",
+           "--json", str(json_path), "--png", str(png_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, json.loads(json_path.read_text()), png_path
+
+
+@pytest.mark.slow
+def test_header(tiny_run):
+    _, data, _ = tiny_run
+    head = data["header"]
+    for key in ("machine", "gpu", "versions", "date", "dtype", "quick", "device", "shape_sets", "backward"):
+        assert key in head, key
+    for key in ("platform", "cpu_model", "cpu_count"):
+        assert head["machine"][key], key
+    for key in ("torch", "triton", "python"):
+        assert key in head["versions"], key
+    assert head["versions"]["torch"] == torch.__version__
+    assert head["dtype"] == "fp32" and head["device"] == "cpu"
+    assert head["quick"] is True and head["tiny"] is True
+    assert head["gpu"] is None
+    assert "tiny" in head["shape_sets"]["causal_conv3d"]
+
+
+@pytest.mark.slow
+def test_rows(tiny_run):
+    _, data, _ = tiny_run
+    rows = data["rows"]
+    for backend in ("reference", "cpu"):
+        for mode in ("forward", "forward+backward"):
+            sel = [r for r in rows if r["backend"] == backend and r["mode"] == mode]
+            assert sel, (backend, mode)
+            for r in sel:
+                assert r["op"] == "causal_conv3d"
+                assert r["median_ms"] > 0 and all(t > 0 for t in r["times_ms"]) and r["reps"] >= 3
+                assert r["speedup_vs_reference"] > 0
+                assert r["tflops"] > 0 and r["gbps"] > 0 and r["flops"] > 0 and r["bytes"] > 0
+                assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] >= 0
+    for r in rows:
+        if r["backend"] == "reference":
+            assert r["speedup_vs_reference"] == pytest.approx(1.0)
+        if r["mode"] == "forward":
+            assert r["max_abs_diff_vs_reference"] < 1e-3
+    # triton on CPU is only the interpreter: skipped, with the reason in the JSON and the output
+    assert not any(r["backend"] == "triton" for r in rows)
+    assert any(s["backend"] == "triton" and "interpreter" in s["reason"] for s in data["skipped"])
+
+
+@pytest.mark.slow
+def test_table_and_png(tiny_run):
+    stdout, _, png_path = tiny_run
+    assert "median ms" in stdout and "reference" in stdout
+    assert "skipped causal_conv3d/triton" in stdout
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_conv_work_formulas():
+    from benchmarks import causal_conv3d as bench
+
+    s = dict(B=2, C_in=3, C_out=5, T=4, H=6, W=7, kernel=(3, 3, 3), halo=True)
+    fwd = 2 * 2 * 5 * 4 * 6 * 7 * 3 * 27
+    assert bench.flops(s, backward=False) == fwd
+    assert bench.flops(s, backward=True) == 3 * fwd
+    x, halo, w, b, out = 2 * 3 * 4 * 42, 2 * 3 * 2 * 42, 5 * 3 * 27, 5, 2 * 5 * 4 * 42
+    assert bench.bytes_moved(s, torch.float32, backward=False) == 4 * (x + halo + w + b + out)
+    assert bench.bytes_moved(s, torch.bfloat16, backward=False) == 2 * (x + halo + w + b + out)
+    inputs = bench.make_inputs(s, "cpu", torch.float32, backward=True)
+    assert inputs["grad_out"].shape == (2, 5, 4, 6, 7)
+    grads = bench.forward_backward("reference", inputs)
+    assert [g.shape for g in grads] == [inputs[k].shape for k in ("x", "weight", "bias", "halo")]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["cpu_set", "gpu_set"])  # no GPU needed
+def test_shape_sets(device):
+    from benchmarks import causal_conv3d as bench
+
+    full, quick = bench.shapes(device, quick=False), bench.shapes(device, quick=True)
+    assert 1 <= len(quick) <= 2 and all(q in full for q in quick)
+    assert any(s["halo"] for s in full) and any(not s["halo"] for s in full)
+    if device == "cuda":  # the real CogVideoX decoder stages for 480x720 video
+        assert {(s["C_in"], s["H"], s["W"]) for s in full} == {
+            (512, 60, 90), (512, 120, 180), (256, 240, 360), (128, 480, 720)}
+    else:
+        assert "scaled-down" in bench.shape_set(device, quick=False)
+
+
+def test_gpu_peaks():
+    from benchmarks.run import gpu_peak
+
+    assert gpu_peak("NVIDIA H200")["hbm_gbps"] == 4800
+    assert gpu_peak("NVIDIA H100 80GB HBM3") == dict(matched="H100 SXM", bf16_dense_tflops=989.0, hbm_gbps=3350.0)
+    assert gpu_peak("NVIDIA A100-SXM4-80GB")["bf16_dense_tflops"] == 312
+    assert gpu_peak("NVIDIA H100 PCIe") is None
+    assert gpu_peak("NVIDIA GeForce RTX 4090") is None and gpu_peak(None) is None
+
+
+def test_time_interleaved():
+    from benchmarks.run import time_interleaved
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=1e-12)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating rounds
