@@ -60,7 +60,8 @@ from cogvx_kernels._extension import load_error  # noqa: E402
 # op name -> benchmark module (one per op)
 BENCHMARKS = {
     "causal_conv3d": "benchmarks.causal_conv3d",
-    # "rope3d": "benchmarks.rope3d",
+    "rope3d": "benchmarks.rope3d",
+    "qk_norm_rope3d": "benchmarks.qk_norm_rope3d",
     # "joint_attention": "benchmarks.joint_attention",
 }
 
@@ -374,7 +375,10 @@ def plan_backends(op: str, device: torch.device, dtype: torch.dtype, only: list[
     return run, skipped
 
 
-def _max_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+def _max_diff(out, ref) -> float:
+    """Max |out - ref| over an output tensor or a tuple of them (ops with several outputs)."""
+    if isinstance(out, (tuple, list)):
+        return max((_max_diff(o, r) for o, r in zip(out, ref)), default=0.0)
     return (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
 
 
