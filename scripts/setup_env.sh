@@ -30,7 +30,9 @@ fi
 if command -v ccache >/dev/null 2>&1; then
   export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/cogvx-ccache} CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
   export CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD   # hits across clones in different folders
-  export CC="ccache ${CC:-gcc}" CXX="ccache ${CXX:-g++}"
+  # the masquerade directory (gcc/g++ → ccache), not CXX="ccache g++": torch checks the compiler's
+  # version by running $CXX
+  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH"
   [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
 fi
 

@@ -52,6 +52,9 @@ COGVX_HD int64_t output_extent(int64_t n, int64_t k, int64_t pad) { return n + 2
 // Input coordinate read by output coordinate o through kernel tap d.
 COGVX_HD int64_t input_coord(int64_t o, int64_t d, int64_t pad) { return o + d - pad; }
 
+// Output coordinate whose tap d reads input coordinate i (the inverse of input_coord; gradients).
+COGVX_HD int64_t output_coord(int64_t i, int64_t d, int64_t pad) { return i + pad - d; }
+
 COGVX_HD bool in_bounds(int64_t i, int64_t n) { return i >= 0 && i < n; }
 
 // Output coordinates [*lo, *hi) whose tap d lands inside [0, n_in) (the rest read zero padding).

@@ -209,11 +209,11 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
           if (!cc::in_bounds(t, T)) continue;
           pack_taps(gs, b, t, Cout, kh, kw, p0, N, W,
                     [&](int64_t ih, int64_t dh) {
-                      const int64_t oh = ih - dh + pad_h;  // the output row whose tap dh reads row ih
+                      const int64_t oh = cc::output_coord(ih, dh, pad_h);
                       return cc::in_bounds(oh, Ho) ? oh : int64_t(-1);
                     },
                     [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_input_range(dw, pad_w, W, Wo, lo, hi); },
-                    [&](int64_t iw, int64_t dw) { return iw - dw + pad_w; }, P.data());
+                    [&](int64_t iw, int64_t dw) { return cc::output_coord(iw, dw, pad_w); }, P.data());
           gemm_acc(Cin, N, K, wp + dt * Cin * K, K, P.data(), N, out.data(), N);
         }
       store_pixels<scalar_t>(out, Cin, p0, N, is_halo ? *ghalo : gx, b, index);
