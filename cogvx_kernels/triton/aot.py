@@ -65,6 +65,14 @@ def _res_usage(cubin: bytes) -> dict:
     return dict(regs=field("REG"), stack_bytes=field("STACK"), local_bytes=field("LOCAL"))
 
 
+def signature(kernel, pointers: dict, constexprs: dict, scalars: dict | None = None) -> dict:
+    """A kernel's ASTSource signature: pointer types from `pointers`, "constexpr" for `constexprs`,
+    scalar types from `scalars` (e.g. {"stride_b": "i64", "eps": "fp32"}), "i32" otherwise."""
+    scalars = scalars or {}
+    return {name: "constexpr" if name in constexprs else pointers.get(name) or scalars.get(name, "i32")
+            for name in kernel.arg_names}
+
+
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile `spec` for sm_<arch>; returns name, arch, regs, local_bytes, stack_bytes, shared_bytes,
     has_mma_sync, has_wgmma, uses_dot, num_warps, num_stages, compile_s."""

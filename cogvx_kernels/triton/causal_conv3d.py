@@ -670,18 +670,6 @@ def _backward(grad_out, x, weight, halo, pad_h, pad_w, has_bias, dw_splits: int 
 _TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _signature(kernel, pointers: dict, constexprs: dict, i64: tuple = ()) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        else:
-            sig[name] = "i64" if name in i64 else "i32"
-    return sig
-
-
 def aot_specs() -> list[dict]:
     """Production compile specs for cogvx_kernels.triton.aot: every kernel x arch (80, 90) x dtype
     (bf16, fp16, fp32 as TF32) with the config the launcher picks (``block_config``) for a 3x3x3
@@ -693,6 +681,8 @@ def aot_specs() -> list[dict]:
 
     Each spec: name, kernel, signature, constexprs, options, uses_dot, arch, attrs (argument name
     -> divisibility)."""
+    from .aot import signature
+
     specs = []
     # (suffix, C_in, C_out)
     channel_cases = {"": (512, 512), "_cin3": (3, 128), "_cout3": (128, 3)}
@@ -716,7 +706,7 @@ def aot_specs() -> list[dict]:
                     specs.append(dict(
                         name=f"causal_conv3d_{kind}{layout}{case}_{ty}_sm{arch}",
                         kernel=kernel,
-                        signature=_signature(kernel, pointers, constexprs, i64),
+                        signature=signature(kernel, pointers, constexprs, dict.fromkeys(i64, "i64")),
                         constexprs=constexprs,
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                         uses_dot=True,

@@ -491,24 +491,14 @@ def qk_norm_rope3d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
 # AOT specs (see cogvx_kernels.triton.aot)
 # ---------------------------------------------------------------------------------------------
 
-def _signature(kernel, pointers: dict, constexprs: dict, fp32: tuple = ()) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        else:
-            sig[name] = "fp32" if name in fp32 else "i32"
-    return sig
-
-
 def aot_specs() -> list[dict]:
     """Production compile specs: the three kernels in bf16 for D = 64 and 128 (CogVideoX-2B / -5B
     head dims), every arch (no `arch` key: sm_80 and sm_90), with the launchers' fixed tiles and 4
     warps, for the head-split view of q/k (channel stride constexpr 1 as the JIT specialises it;
     token / head / batch strides i32 multiples of 16, as for 48 heads × D); rope3d forward and
     inverse; LayerNorm with weight and bias."""
+    from .aot import signature
+
     specs = []
     bf16 = "*bf16"
     for D in (64, 128):
@@ -522,7 +512,7 @@ def aot_specs() -> list[dict]:
             ptrs = dict(x_ptr=bf16, tab_ptr="*fp32", out_ptr=bf16)
             specs.append(dict(
                 name=f"rope3d{'_inv' if inverse else ''}_d{D}_bf16", kernel=rope3d_kernel,
-                signature=_signature(rope3d_kernel, ptrs, const), constexprs=const, options=options,
+                signature=signature(rope3d_kernel, ptrs, const), constexprs=const, options=options,
                 uses_dot=False,
                 attrs={n: 16 for n in (*ptrs, "sxb", "sxh", "sxl", "sob", "soh", "sol")}))
 
@@ -531,7 +521,7 @@ def aot_specs() -> list[dict]:
                     rstd_ptr="*fp32")
         specs.append(dict(
             name=f"qk_norm_rope3d_fwd_d{D}_bf16", kernel=qk_norm_rope3d_fwd_kernel,
-            signature=_signature(qk_norm_rope3d_fwd_kernel, ptrs, const, fp32=("eps",)), constexprs=const,
+            signature=signature(qk_norm_rope3d_fwd_kernel, ptrs, const, {"eps": "fp32"}), constexprs=const,
             options=options, uses_dot=False,
             attrs={n: 16 for n in (*ptrs, "sxb", "sxh", "sxl")}))
 
@@ -540,7 +530,7 @@ def aot_specs() -> list[dict]:
                     gx_ptr=bf16, part_ptr="*fp32")
         specs.append(dict(
             name=f"qk_norm_rope3d_bwd_d{D}_bf16", kernel=qk_norm_rope3d_bwd_kernel,
-            signature=_signature(qk_norm_rope3d_bwd_kernel, ptrs, const), constexprs=const, options=options,
+            signature=signature(qk_norm_rope3d_bwd_kernel, ptrs, const), constexprs=const, options=options,
             uses_dot=False,
             attrs={n: 16 for n in (*ptrs, "sgb", "sgh", "sgl", "sxb", "sxh", "sxl")}))
     return specs

@@ -8,11 +8,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define COGVX_HD __host__ __device__ __forceinline__
-#else
-#define COGVX_HD inline
-#endif
+#include "common/hd.h"
 
 namespace cogvx {
 namespace rope3d {

@@ -26,30 +26,35 @@ namespace {
 
 namespace cc = causal_conv3d;
 
-// C (M×N, row-major, ld_c, fp32) += A (M×K, ld_a) · B (K×N, ld_b), all fp32. oneDNN's batch-reduce
-// GEMM micro-kernel (exported by ATen) where torch has it, a plain loop otherwise. The micro-kernel
-// does no cache blocking of its own, so blocks of M and K stay cache-sized here (measured on AVX2:
-// K 1152 in one call runs at about half the speed of K 256 blocks).
+// C (M×N, row-major, ld_c, fp32) += A (M×K, ld_a) · B (K×N, ld_b), all fp32: a plain loop for tiny
+// products (oneDNN JIT-compiles a micro-kernel per new shape, which costs more than the work there).
+void gemm_acc_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B, int64_t ld_b,
+                   float* C, int64_t ld_c) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[m * ld_a + k];
+      for (int64_t n = 0; n < N; ++n) C[m * ld_c + n] += a * B[k * ld_b + n];
+    }
+}
+
+// The same with oneDNN's batch-reduce GEMM micro-kernel (exported by ATen) where torch has it. The
+// micro-kernel does no cache blocking of its own, so blocks of M and K stay cache-sized here
+// (measured on AVX2: K 1152 in one call runs at about half the speed of K 256 blocks).
 void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
               int64_t ld_b, float* C, int64_t ld_c) {
   if (M <= 0 || N <= 0 || K <= 0) return;
-  constexpr int64_t kBlockM = 128, kBlockK = 256;
-  for (int64_t m0 = 0; m0 < M; m0 += kBlockM)
-    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-      const int64_t m = std::min(kBlockM, M - m0), k = std::min(kBlockK, K - k0);
-      const float* a = A + m0 * ld_a + k0;
-      const float* b = B + k0 * ld_b;
-      float* c = C + m0 * ld_c;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-      at::native::cpublas::brgemm(m, N, k, ld_a, ld_b, ld_c, /*add_C=*/true, a, b, c, /*is_vnni=*/false);
-#else
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t kk = 0; kk < k; ++kk) {
-          const float av = a[i * ld_a + kk];
-          for (int64_t n = 0; n < N; ++n) c[i * ld_c + n] += av * b[kk * ld_b + n];
-        }
+  if (M * N * K >= (1 << 18)) {
+    constexpr int64_t kBlockM = 128, kBlockK = 256;
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockM)
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockK)
+        at::native::cpublas::brgemm(std::min(kBlockM, M - m0), N, std::min(kBlockK, K - k0), ld_a, ld_b, ld_c,
+                                    /*add_C=*/true, A + m0 * ld_a + k0, B + k0 * ld_b, C + m0 * ld_c,
+                                    /*is_vnni=*/false);
+    return;
+  }
 #endif
-    }
+  gemm_acc_loop(M, N, K, A, ld_a, B, ld_b, C, ld_c);
 }
 
 void gemm_release() {
@@ -120,6 +125,21 @@ void pack_taps(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, i
     }
 }
 
+// pack_taps for the forward direction: output pixels [p0, p0 + n) of a (·, Wo) output frame read
+// input frame `frame` (H × W) through each tap (forward and weight gradient).
+template <typename scalar_t>
+void pack_input_taps(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t kh, int64_t kw,
+                     int64_t pad_h, int64_t pad_w, int64_t H, int64_t W, int64_t p0, int64_t n, int64_t Wo,
+                     float* P) {
+  pack_taps(f, b, frame, C, kh, kw, p0, n, Wo,
+            [&](int64_t oh, int64_t dh) {
+              const int64_t ih = cc::input_coord(oh, dh, pad_h);
+              return cc::in_bounds(ih, H) ? ih : int64_t(-1);
+            },
+            [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
+            [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P);
+}
+
 // Writes pixels [p0, p0 + n) of frame `frame` of dst (any strides) from the fp32 tile (C × n).
 template <typename scalar_t>
 void store_pixels(const std::vector<float>& tile, int64_t C, int64_t p0, int64_t n, at::Tensor& dst,
@@ -162,13 +182,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
       for (int64_t co = 0; co < Cout; ++co) std::fill(out.begin() + co * N, out.begin() + (co + 1) * N, bias_f[co]);
       for (int64_t dt = 0; dt < kt; ++dt) {
         const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, has_halo);
-        pack_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, p0, N, Wo,
-                  [&](int64_t oh, int64_t dh) {
-                    const int64_t ih = cc::input_coord(oh, dh, pad_h);
-                    return cc::in_bounds(ih, H) ? ih : int64_t(-1);
-                  },
-                  [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
-                  [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P.data());
+        pack_input_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, pad_h, pad_w, H, W, p0, N, Wo, P.data());
         gemm_acc(Cout, N, K, wp + dt * Cout * K, K, P.data(), N, out.data(), N);
       }
       store_pixels<scalar_t>(out, Cout, p0, N, y, b, t);
@@ -248,13 +262,8 @@ void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Ten
           const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, halo != nullptr);
           for (int64_t p0 = 0; p0 < Ho * Wo; p0 += NB) {
             const int64_t N = std::min(NB, Ho * Wo - p0);
-            pack_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, p0, N, Wo,
-                      [&](int64_t oh, int64_t dh) {
-                        const int64_t ih = cc::input_coord(oh, dh, pad_h);
-                        return cc::in_bounds(ih, H) ? ih : int64_t(-1);
-                      },
-                      [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
-                      [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P.data());
+            pack_input_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, pad_h, pad_w, H, W, p0, N, Wo,
+                            P.data());
             for (int64_t k = 0; k < K; ++k)  // Pᵀ: the micro-kernel takes row-major operands only
               for (int64_t n = 0; n < N; ++n) PT[n * K + k] = P[k * N + n];
             for (int64_t co = 0; co < M; ++co) {
