@@ -25,8 +25,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-def parity_devices():
-    """Devices the parity tests run on: the CPU always, the GPU when there is one."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

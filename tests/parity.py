@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from cogvx_kernels import _registry
-from conftest import parity_devices
 
 
 def backend_params(op: str):

@@ -1,6 +1,5 @@
 """causal_conv3d: every backend against the reference (forward and backward, fp32/bf16/fp16),
 causality, strided inputs, custom-op checks, torch.compile, backend choice and bad input."""
-import itertools
 import os
 import subprocess
 import sys

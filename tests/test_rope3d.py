@@ -26,7 +26,6 @@ def positions(T, H, W, kind, device):
         crops = None
         pos = (torch.arange(T).float(), torch.arange(H).float(), torch.arange(W).float())
     else:
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: F401
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
         crops = get_resize_crop_region_for_grid((H, W), 45, 30)
         (top, left), (bottom, right) = crops

@@ -47,12 +47,13 @@ Compiled: per-arch config tables (sm_80, sm_90), see ``_CONFIGS``; ``aot_specs()
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreted
 
 __all__ = ["forward", "backward", "aot_specs", "block_config"]
 
@@ -471,14 +472,6 @@ def _arch_of(device: torch.device) -> int:
     return 90 if major == 9 else 80  # sm_8x and anything else: the conservative sm_80 table
 
 
-def _interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        if isinstance(kernel, InterpretedFunction):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -503,7 +496,7 @@ def _launch_config(kind: str, kernel, dtype: torch.dtype, device: torch.device,
                    m: int, n: int, k: int | None) -> tuple[Config, bool, str]:
     """(config, DOT_FP32, PRECISION) for a launch; m/n/k as in block_config."""
     cls = _dtype_class(dtype)
-    if _interpreted(kernel):
+    if interpreted(kernel):
         return block_config(kind, None, cls, m, n, k), True, "ieee"
     precision = "tf32" if (cls == "32" and torch.backends.cudnn.allow_tf32) else "ieee"
     return block_config(kind, _arch_of(device), cls, m, n, k), False, precision
@@ -640,7 +633,7 @@ def _backward(grad_out, x, weight, halo, pad_h, pad_w, has_bias, dw_splits: int 
     taps = kt * kh * kw
     n_pb = triton.cdiv(Ho * Wo, cfg.block_k)
     tiles = triton.cdiv(C_out, cfg.block_m) * triton.cdiv(C_in, cfg.block_n)
-    s_pix = dw_splits or _dw_splits(B, tiles * taps, n_pb, T, C_out, C_in, taps, dev, _interpreted(kernel))
+    s_pix = dw_splits or _dw_splits(B, tiles * taps, n_pb, T, C_out, C_in, taps, dev, interpreted(kernel))
     s_pix = max(1, min(s_pix, n_pb))
     blk_per_split = triton.cdiv(n_pb, s_pix)
     s_pix = triton.cdiv(n_pb, blk_per_split)

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreted
+
 __all__ = ["rope3d", "rope3d_", "qk_norm_rope3d", "qk_norm_rope3d_backward", "aot_specs"]
 
 
@@ -326,14 +328,6 @@ def _block_rows(D: int, tile: int) -> int:
     return max(1, min(128, tile // _block_d(D)))
 
 
-def _interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        if isinstance(kernel, InterpretedFunction):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +462,7 @@ def qk_norm_rope3d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
     br = _block_rows(D, _BWD_TILE)
     n_bh = B * NH
     n_blocks = n_bh * triton.cdiv(L, br)
-    n_prog = programs or _bwd_programs(n_blocks, dev, _interpreted(kernel))
+    n_prog = programs or _bwd_programs(n_blocks, dev, interpreted(kernel))
     n_prog = max(1, min(int(n_prog), n_blocks))
     per_prog = triton.cdiv(n_blocks, n_prog)
     n_prog = triton.cdiv(n_blocks, per_prog)
