@@ -1,12 +1,21 @@
 """rope3d and qk_norm_rope3d: every backend against diffusers' formula (get_3d_rotary_pos_embed +
-apply_rotary_emb + LayerNorm), forward and backward; custom-op checks, compile, bad input."""
+apply_rotary_emb + LayerNorm), forward and backward; custom-op checks, compile, bad input.
+
+Where diffusers is not installed (the GPU machine), the formula comes from our reference, which
+`test_reference_is_diffusers` proves identical to diffusers wherever diffusers is present."""
 import pytest
 import torch
 
 import cogvx_kernels
+from cogvx_kernels.nn.rope3d import resize_crop_region
+from cogvx_kernels.reference import rope3d as reference
 from parity import assert_close, backend_params, implementation
 
-embeddings = pytest.importorskip("diffusers.models.embeddings")
+try:
+    from diffusers.models import embeddings
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+except ImportError:
+    embeddings = None
 
 # (B, heads, D, text_len, T, H, W, positions)
 CASES = [
@@ -26,8 +35,8 @@ def positions(T, H, W, kind, device):
         crops = None
         pos = (torch.arange(T).float(), torch.arange(H).float(), torch.arange(W).float())
     else:
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-        crops = get_resize_crop_region_for_grid((H, W), 45, 30)
+        crops = (get_resize_crop_region_for_grid((H, W), 45, 30) if embeddings is not None
+                 else resize_crop_region(H, W, 30, 45))
         (top, left), (bottom, right) = crops
         pos = (torch.linspace(0, T * (T - 1) / T, T),
                torch.linspace(top, bottom * (H - 1) / H, H),
@@ -37,7 +46,9 @@ def positions(T, H, W, kind, device):
 
 def diffusers_tables(D, T, H, W, kind, device):
     crops, pos = positions(T, H, W, kind, device)
-    if kind == "arange":
+    if embeddings is None:
+        cos, sin = reference.token_cos_sin(*pos, axes_for(D), 10000.0)
+    elif kind == "arange":
         cos, sin = embeddings.get_3d_rotary_pos_embed(D, None, (H, W), T, grid_type="slice", max_size=(H, W))
     else:
         cos, sin = embeddings.get_3d_rotary_pos_embed(D, crops, (H, W), T)
@@ -45,7 +56,23 @@ def diffusers_tables(D, T, H, W, kind, device):
 
 
 def diffusers_rope(x, text_len, cos, sin):
-    return torch.cat([x[:, :, :text_len], embeddings.apply_rotary_emb(x[:, :, text_len:], (cos, sin))], dim=2)
+    video = (embeddings.apply_rotary_emb(x[:, :, text_len:], (cos, sin)) if embeddings is not None
+             else reference.rotate(x[:, :, text_len:], cos, sin).to(x.dtype))
+    return torch.cat([x[:, :, :text_len], video], dim=2)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_reference_is_diffusers(case):
+    """Our reference formula equals diffusers' exactly (the GPU machine's tests rely on it)."""
+    if embeddings is None:
+        pytest.skip("diffusers is not installed")
+    B, heads, D, text_len, T, H, W, kind = CASES[case]
+    pos, cos, sin = diffusers_tables(D, T, H, W, kind, "cpu")
+    ref_cos, ref_sin = reference.token_cos_sin(*pos, axes_for(D), 10000.0)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    x = make_x(B, heads, D, text_len + T * H * W, torch.float32, "cpu")
+    assert torch.equal(diffusers_rope(x, text_len, cos, sin),
+                       reference.rope3d(x, text_len, *pos, axes_dim=axes_for(D)))
 
 
 def axes_for(D):
