@@ -29,7 +29,9 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember rc and seconds
   echo "== $name: rc=${RC[$name]} in ${SECS[$name]}s"
 }
 
-step build env COGVX_BUILD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+# build in place (no pip: the machine's python may be externally managed); the steps import from here
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+step build env COGVX_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 step info "$PY" -m cogvx_kernels.info
 step cuda_tests "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" tests
 step triton_aot "$PY" -m cogvx_kernels.triton.aot --json "$OUT/triton_aot.json"
