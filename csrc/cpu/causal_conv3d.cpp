@@ -86,52 +86,49 @@ int64_t pixels_per_task(int64_t pixels, int64_t outer_tasks) {
   return std::min(n, pixels);
 }
 
-// Packs, for one source frame, the kh·kw shifted copies that pixels [p0, p0 + n) of a frame of
-// `width` columns read, as the GEMM's B operand P (kh·kw·C × n, fp32):
-//   P[(dh·kw + dw)·C + c][p - p0] = frame[c, row_of(row(p), dh), col(column(p), dw)]
+// Packs, for one source frame and one kernel tap (dh, dw), what pixels [p0, p0 + n) of a frame of
+// `width` columns read through that tap, as the GEMM's B operand P (C × n, fp32):
+//   P[c][p - p0] = frame[c, row_of(row(p), dh), col(column(p), dw)]
 // and zero where the tap falls on the padding (row_of returns -1; range(dw) gives the columns
 // [lo, hi) whose tap dw lands inside the frame). This is the GEMM's own operand packing of a
-// 256-pixel panel, not an im2col of the activation.
+// 256-pixel panel (it stays in L2 next to its GEMM), not an im2col of the activation.
 template <typename scalar_t, typename RowOf, typename Range, typename Col>
-void pack_taps(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t kh, int64_t kw,
-               int64_t p0, int64_t n, int64_t width, RowOf row_of, Range range, Col col, float* P) {
-  for (int64_t dh = 0; dh < kh; ++dh)
-    for (int64_t dw = 0; dw < kw; ++dw) {
-      int64_t lo, hi;
-      range(dw, &lo, &hi);
-      for (int64_t c = 0; c < C; ++c) {
-        float* dst = P + ((dh * kw + dw) * C + c) * n - p0;  // dst[p] for p in [p0, p0 + n)
-        for (int64_t p = p0; p < p0 + n;) {
-          const int64_t row = p / width, first = p % width;
-          const int64_t last = std::min(width, first + (p0 + n - p));  // columns [first, last) of this row
-          const int64_t src_row = row_of(row, dh);
-          float* d = dst + row * width;  // d[column]
-          const int64_t l = src_row < 0 ? last : std::min(std::max(lo, first), last);
-          const int64_t h = src_row < 0 ? last : std::max(std::min(hi, last), l);
-          std::fill(d + first, d + l, 0.f);
-          if (h > l) {
-            const scalar_t* src = f.row(b, frame, src_row) + c * f.sc;
-            if (f.sw == 1) {
-              const scalar_t* s0 = src + col(l, dw) - l;
-              for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(s0[o]);
-            } else {
-              for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(src[col(o, dw) * f.sw]);
-            }
-          }
-          std::fill(d + h, d + last, 0.f);
-          p += last - first;
+void pack_tap(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t dh, int64_t dw,
+              int64_t p0, int64_t n, int64_t width, RowOf row_of, Range range, Col col, float* P) {
+  int64_t lo, hi;
+  range(dw, &lo, &hi);
+  for (int64_t c = 0; c < C; ++c) {
+    float* dst = P + c * n - p0;  // dst[p] for p in [p0, p0 + n)
+    for (int64_t p = p0; p < p0 + n;) {
+      const int64_t row = p / width, first = p % width;
+      const int64_t last = std::min(width, first + (p0 + n - p));  // columns [first, last) of this row
+      const int64_t src_row = row_of(row, dh);
+      float* d = dst + row * width;  // d[column]
+      const int64_t l = src_row < 0 ? last : std::min(std::max(lo, first), last);
+      const int64_t h = src_row < 0 ? last : std::max(std::min(hi, last), l);
+      std::fill(d + first, d + l, 0.f);
+      if (h > l) {
+        const scalar_t* src = f.row(b, frame, src_row) + c * f.sc;
+        if (f.sw == 1) {
+          const scalar_t* s0 = src + col(l, dw) - l;
+          for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(s0[o]);
+        } else {
+          for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(src[col(o, dw) * f.sw]);
         }
       }
+      std::fill(d + h, d + last, 0.f);
+      p += last - first;
     }
+  }
 }
 
-// pack_taps for the forward direction: output pixels [p0, p0 + n) of a (·, Wo) output frame read
-// input frame `frame` (H × W) through each tap (forward and weight gradient).
+// pack_tap in the forward direction: output pixels [p0, p0 + n) of a (·, Wo) output frame read
+// input frame `frame` (H × W) through tap (dh, dw) (forward and weight gradient).
 template <typename scalar_t>
-void pack_input_taps(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t kh, int64_t kw,
-                     int64_t pad_h, int64_t pad_w, int64_t H, int64_t W, int64_t p0, int64_t n, int64_t Wo,
-                     float* P) {
-  pack_taps(f, b, frame, C, kh, kw, p0, n, Wo,
+void pack_input_tap(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t dh, int64_t dw,
+                    int64_t pad_h, int64_t pad_w, int64_t H, int64_t W, int64_t p0, int64_t n, int64_t Wo,
+                    float* P) {
+  pack_tap(f, b, frame, C, dh, dw, p0, n, Wo,
             [&](int64_t oh, int64_t dh) {
               const int64_t ih = cc::input_coord(oh, dh, pad_h);
               return cc::in_bounds(ih, H) ? ih : int64_t(-1);
@@ -154,7 +151,7 @@ void store_pixels(const std::vector<float>& tile, int64_t C, int64_t p0, int64_t
   }
 }
 
-// y[b, :, t, pixels] = bias + Σ_dt W_dt (C_out × kh·kw·C_in) · P_dt, P_dt packed from padded frame t+dt.
+// y[b, :, t, pixels] = bias + Σ_dt Σ_tap W_tap (C_out × C_in) · P_tap, P_tap packed from padded frame t+dt.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor* bias,
                     const at::Tensor* halo, int64_t kt, int64_t kh, int64_t kw, int64_t pad_h,
@@ -163,8 +160,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
   const int64_t Cout = y.size(1), Ho = y.size(3), Wo = y.size(4);
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
-  const float* wp = w_packed.data_ptr<float>();  // (kt, Cout, kh, kw, Cin)
-  const int64_t K = kh * kw * Cin;
+  const float* wp = w_packed.data_ptr<float>();  // (kt, kh, kw, Cout, Cin): one contiguous matrix per tap
   const bool has_halo = halo != nullptr;
   std::vector<float> bias_f(Cout, 0.f);
   if (bias) {
@@ -175,15 +171,18 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
   const int64_t blocks = (Ho * Wo + NB - 1) / NB;
 
   at::parallel_for(0, B * T * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(Cout * NB), P(K * NB);
+    std::vector<float> out(Cout * NB), P(Cin * NB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p0 = (task % blocks) * NB, t = (task / blocks) % T, b = task / (blocks * T);
       const int64_t N = std::min(NB, Ho * Wo - p0);
       for (int64_t co = 0; co < Cout; ++co) std::fill(out.begin() + co * N, out.begin() + (co + 1) * N, bias_f[co]);
       for (int64_t dt = 0; dt < kt; ++dt) {
         const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, has_halo);
-        pack_input_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, pad_h, pad_w, H, W, p0, N, Wo, P.data());
-        gemm_acc(Cout, N, K, wp + dt * Cout * K, K, P.data(), N, out.data(), N);
+        for (int64_t tap = 0; tap < kh * kw; ++tap) {
+          pack_input_tap(src.from_halo ? hs : xs, b, src.index, Cin, tap / kw, tap % kw, pad_h, pad_w, H, W, p0, N,
+                         Wo, P.data());
+          gemm_acc(Cout, N, Cin, wp + (dt * kh * kw + tap) * Cout * Cin, Cin, P.data(), N, out.data(), N);
+        }
       }
       store_pixels<scalar_t>(out, Cout, p0, N, y, b, t);
     }
@@ -193,7 +192,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
 
 // Gradient of the time-padded input folded onto the stored frames: a task owns pixels of one stored
 // frame (halo or x) and sums over every padded frame that reads it, so each element is written once.
-// grad[b, :, s, pixels] = Σ_j Σ_dt W'_dt (C_in × kh·kw·C_out) · P, P packed from grad_out frame j-dt.
+// grad[b, :, s, pixels] = Σ_j Σ_dt Σ_tap W_tapᵀ (C_in × C_out) · P_tap, P_tap packed from grad_out frame j-dt.
 template <typename scalar_t>
 void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool has_halo, int64_t kt,
                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gx,
@@ -202,13 +201,12 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
   const int64_t Cout = gy.size(1), Ho = gy.size(3), Wo = gy.size(4);
   const int64_t lead = has_halo ? kt - 1 : 0;  // halo frames that get their own gradient
   const auto gs = frames_of<scalar_t>(gy);
-  const float* wp = w_packed_t.data_ptr<float>();  // (kt, Cin, kh, kw, Cout)
-  const int64_t K = kh * kw * Cout;
+  const float* wp = w_packed_t.data_ptr<float>();  // (kt, kh, kw, Cin, Cout)
   const int64_t NB = pixels_per_task(H * W, B * (lead + T));
   const int64_t blocks = (H * W + NB - 1) / NB;
 
   at::parallel_for(0, B * (lead + T) * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(Cin * NB), P(K * NB);
+    std::vector<float> out(Cin * NB), P(Cout * NB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p0 = (task % blocks) * NB, s = (task / blocks) % (lead + T), b = task / (blocks * (lead + T));
       const int64_t N = std::min(NB, H * W - p0);
@@ -221,14 +219,16 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
         for (int64_t dt = 0; dt < kt; ++dt) {
           const int64_t t = j - dt;
           if (!cc::in_bounds(t, T)) continue;
-          pack_taps(gs, b, t, Cout, kh, kw, p0, N, W,
-                    [&](int64_t ih, int64_t dh) {
-                      const int64_t oh = cc::output_coord(ih, dh, pad_h);
-                      return cc::in_bounds(oh, Ho) ? oh : int64_t(-1);
-                    },
-                    [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_input_range(dw, pad_w, W, Wo, lo, hi); },
-                    [&](int64_t iw, int64_t dw) { return cc::output_coord(iw, dw, pad_w); }, P.data());
-          gemm_acc(Cin, N, K, wp + dt * Cin * K, K, P.data(), N, out.data(), N);
+          for (int64_t tap = 0; tap < kh * kw; ++tap) {
+            pack_tap(gs, b, t, Cout, tap / kw, tap % kw, p0, N, W,
+                     [&](int64_t ih, int64_t dh) {
+                       const int64_t oh = cc::output_coord(ih, dh, pad_h);
+                       return cc::in_bounds(oh, Ho) ? oh : int64_t(-1);
+                     },
+                     [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_input_range(dw, pad_w, W, Wo, lo, hi); },
+                     [&](int64_t iw, int64_t dw) { return cc::output_coord(iw, dw, pad_w); }, P.data());
+            gemm_acc(Cin, N, Cout, wp + (dt * kh * kw + tap) * Cin * Cout, Cout, P.data(), N, out.data(), N);
+          }
         }
       store_pixels<scalar_t>(out, Cin, p0, N, is_halo ? *ghalo : gx, b, index);
     }
@@ -236,7 +236,7 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
   });
 }
 
-// Gradient of the weight: dW_dt (C_out × kh·kw·C_in) = Σ_pixels grad_out (C_out × N) · Pᵀ (N × K).
+// Gradient of the weight: dW_tap (C_out × C_in) = Σ_pixels grad_out (C_out × N) · P_tapᵀ (N × C_in).
 // Tasks split dt × blocks of C_out (deterministic: each task owns its slice of dW).
 template <typename scalar_t>
 void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor* halo, int64_t kt,
@@ -246,14 +246,13 @@ void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Ten
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
   const auto gs = frames_of<scalar_t>(gy);
-  float* gwp = gw_packed.data_ptr<float>();  // (kt, Cout, kh, kw, Cin)
-  const int64_t K = kh * kw * Cin;
+  float* gwp = gw_packed.data_ptr<float>();  // (kt, kh, kw, Cout, Cin)
   const int64_t co_block = std::min<int64_t>(Cout, 64);
   const int64_t co_blocks = (Cout + co_block - 1) / co_block;
   const int64_t NB = std::min<int64_t>(Ho * Wo, 256);
 
   at::parallel_for(0, kt * co_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(K * NB), PT(NB * K), G(co_block * NB);
+    std::vector<float> P(Cin * NB), PT(NB * Cin), G(co_block * NB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t dt = task / co_blocks, co0 = (task % co_blocks) * co_block;
       const int64_t M = std::min(co_block, Cout - co0);
@@ -262,16 +261,18 @@ void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Ten
           const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, halo != nullptr);
           for (int64_t p0 = 0; p0 < Ho * Wo; p0 += NB) {
             const int64_t N = std::min(NB, Ho * Wo - p0);
-            pack_input_taps(src.from_halo ? hs : xs, b, src.index, Cin, kh, kw, pad_h, pad_w, H, W, p0, N, Wo,
-                            P.data());
-            for (int64_t k = 0; k < K; ++k)  // Pᵀ: the micro-kernel takes row-major operands only
-              for (int64_t n = 0; n < N; ++n) PT[n * K + k] = P[k * N + n];
             for (int64_t co = 0; co < M; ++co) {
               const scalar_t* g = gs.row(b, t, 0) + (co0 + co) * gs.sc;
               for (int64_t p = p0; p < p0 + N; ++p)
                 G[co * N + p - p0] = static_cast<float>(g[(p / Wo) * gs.sh + (p % Wo) * gs.sw]);
             }
-            gemm_acc(M, K, N, G.data(), N, PT.data(), K, gwp + (dt * Cout + co0) * K, K);
+            for (int64_t tap = 0; tap < kh * kw; ++tap) {
+              pack_input_tap(src.from_halo ? hs : xs, b, src.index, Cin, tap / kw, tap % kw, pad_h, pad_w, H, W,
+                             p0, N, Wo, P.data());
+              for (int64_t c = 0; c < Cin; ++c)  // Pᵀ: the micro-kernel takes row-major operands only
+                for (int64_t n = 0; n < N; ++n) PT[n * Cin + c] = P[c * N + n];
+              gemm_acc(M, Cin, N, G.data(), N, PT.data(), Cin, gwp + ((dt * kh * kw + tap) * Cout + co0) * Cin, Cin);
+            }
           }
         }
     }
@@ -303,7 +304,7 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  const at::Tensor w_packed = weight.permute({2, 0, 3, 4, 1}).to(at::kFloat).contiguous();
+  const at::Tensor w_packed = weight.permute({2, 3, 4, 0, 1}).to(at::kFloat).contiguous();
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
     forward_kernel<scalar_t>(x, w_packed, bias ? &*bias : nullptr, halo ? &*halo : nullptr, kt, kh, kw,
                              pad_h, pad_w, y);
@@ -324,20 +325,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
 
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor ghalo = halo_in ? at::zeros(halo_in->sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gw_packed = at::zeros({kt, weight.size(0), kh, kw, weight.size(1)}, weight.options().dtype(at::kFloat));
+  at::Tensor gw_packed = at::zeros({kt, kh, kw, weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat));
   at::Tensor gb = has_bias ? gy.sum({0, 2, 3, 4}, false, at::kFloat).to(weight.scalar_type())
                            : at::empty({0}, weight.options());
   if (gy.numel() == 0 || x.numel() == 0) {
     gx.zero_();
   } else {
-    const at::Tensor w_packed_t = weight.permute({2, 1, 3, 4, 0}).to(at::kFloat).contiguous();
+    const at::Tensor w_packed_t = weight.permute({2, 3, 4, 1, 0}).to(at::kFloat).contiguous();
     COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_backward_cpu", [&] {
       grad_input_kernel<scalar_t>(gy, w_packed_t, has_halo, kt, kh, kw, pad_h, pad_w, gx,
                                   has_halo ? &ghalo : nullptr);
       grad_weight_kernel<scalar_t>(gy, x, halo ? &*halo : nullptr, kt, kh, kw, pad_h, pad_w, gw_packed);
     });
   }
-  at::Tensor gw = gw_packed.permute({1, 4, 0, 2, 3}).to(weight.scalar_type()).contiguous();
+  at::Tensor gw = gw_packed.permute({3, 4, 0, 1, 2}).to(weight.scalar_type()).contiguous();
   return {gx, gw, gb, ghalo};
 }
 
