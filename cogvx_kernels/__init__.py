@@ -6,7 +6,7 @@ says what is missing.
 """
 from . import nn, ops
 from ._registry import available, implementations
-from .ops import causal_conv3d, qk_norm_rope3d, rope3d
+from .ops import causal_conv3d, joint_attention, qk_norm_rope3d, rope3d
 
-__all__ = ["causal_conv3d", "rope3d", "qk_norm_rope3d", "nn", "ops", "available", "implementations"]
+__all__ = ["causal_conv3d", "rope3d", "qk_norm_rope3d", "joint_attention", "nn", "ops", "available", "implementations"]
 __version__ = "0.1.0"

@@ -46,6 +46,9 @@ class Implementation:
     tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     # the C++ op name whose CPU/CUDA kernels this backend needs (cpu / cuda backends)
     native_op: str | None = None
+    # optional limits beyond dtype and device: called with the op's inputs, returns None when this
+    # implementation handles them, else why not (e.g. an unsupported head dim)
+    accepts: Callable[..., str | None] | None = None
 
     @property
     def rank(self) -> int:
@@ -101,9 +104,14 @@ def available(op: str, device: torch.device | str) -> tuple[str, ...]:
     return tuple(i.backend for i in implementations(op) if i.unavailable(device) is None)
 
 
-def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> Implementation:
+def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtype,
+           inputs: tuple = ()) -> Implementation:
     """The implementation that runs `op` on `device`: the requested one (argument, else the
-    COGVX_BACKEND environment variable), or the best available one."""
+    COGVX_BACKEND environment variable), or the best available one. `inputs` go to the
+    implementations' `accepts` checks (shape limits)."""
+    def refusal(impl):
+        return impl.accepts(*inputs) if impl.accepts is not None and inputs else None
+
     requested = backend or os.environ.get("COGVX_BACKEND") or None
     impls = _REGISTRY[op]
     if requested is not None:
@@ -113,6 +121,8 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
         reason = f"{op} has no {requested} implementation" if impl is None else impl.unavailable(device)
         if reason is None and dtype not in impl.dtypes:
             reason = f"it does not support {dtype}"
+        if reason is None:
+            reason = refusal(impl)
         if reason is not None:
             raise ValueError(f"backend {requested!r} is not available for {op} on {device.type}: {reason}. "
                              f"Available: {', '.join(available(op, device))}")
@@ -121,6 +131,10 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
         if impl.backend == "reference" or (impl.backend == "triton" and device.type == "cpu"):
             continue  # interpreted Triton is for tests: only when asked for by name
         if dtype in impl.dtypes and impl.unavailable(device) is None:
+            refused = refusal(impl)
+            if refused is not None:
+                warn_once(f"cogvx: {op} skips the {impl.backend} backend: {refused}")
+                continue
             if device.type == "cuda" and impl.backend != "cuda":
                 warn_once(f"cogvx: {op} uses the {impl.backend} backend on CUDA because "
                           f"{impls['cuda'].unavailable(device) if 'cuda' in impls else 'there is no CUDA kernel'}")

@@ -30,6 +30,18 @@ TORCH_LIBRARY(cogvx, m) {
       "qk_norm_rope3d_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
       "Tensor tables, int text_len, int grid_t, int grid_h, int grid_w, int[] axes_dim, bool has_weight, "
       "bool has_bias) -> (Tensor, Tensor, Tensor)");
+
+  // Non-causal attention softmax(q·kᵀ·scale)·v of q (B, heads, Lq, D) against k, v (B, heads, Lk, D),
+  // any strides with a unit last-dim stride. Returns (out, lse): out (B, heads, Lq, D) in q's dtype,
+  // laid out as (B, Lq, heads, D) in memory (the layout the output projection reads), and the
+  // natural-log log-sum-exp of every row, fp32 (B, heads, Lq) contiguous. See csrc/common/attention.h.
+  m.def("joint_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), each laid out as (B, L, heads, D) in memory like `out`.
+  // grad_lse (B, heads, Lq) fp32 or None: the gradient reaching the lse output. `deterministic`
+  // asks for bit-identical results run to run (no floating-point atomics).
+  m.def(
+      "joint_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, float scale, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 // Lets `import cogvx_kernels._C` load the library (the ops register through static initialisers).

@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Kernels (regex on the demangled name) that must run on tensor cores, i.e. contain HMMA in SASS.
 TENSOR_CORE_KERNELS = [
     r"causal_conv3d_(fwd|dgrad|wgrad)_kernel<c10::(Half|BFloat16)>",
+    r"joint_attention_(fwd|bwd_dkdv|bwd_dq)_kernel<c10::(Half|BFloat16)",
 ]
 
 # Flags torch.utils.cpp_extension adds to every nvcc compile (COMMON_NVCC_FLAGS), plus setup.py's.

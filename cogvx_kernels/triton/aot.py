@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-OP_MODULES = ("cogvx_kernels.triton.causal_conv3d", "cogvx_kernels.triton.rope3d")
+OP_MODULES = ("cogvx_kernels.triton.causal_conv3d", "cogvx_kernels.triton.rope3d", "cogvx_kernels.triton.joint_attention")
 ARCHS = (80, 90)
 
 

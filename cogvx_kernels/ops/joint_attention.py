@@ -1,0 +1,178 @@
+"""`joint_attention`: non-causal flash attention over CogVideoX's concatenated text + video sequence.
+
+The public function validates its arguments, picks a backend from the registry and calls it. Every
+backend returns (out, lse): out (B, heads, Lq, D) laid out as (B, Lq, heads, D) in memory (what the
+output projection reads after `transpose(1, 2)`, for free), lse the fp32 natural-log log-sum-exp of
+each query row, so that attention over separate key blocks can be merged exactly (ring attention).
+
+Autograd recomputes the probabilities from the saved lse (no Lq × Lk matrix is stored). The
+gradient reaching `lse` (when the caller uses it) is honoured: d lse / d score = p, which enters the
+backward as `delta - grad_lse`. Backward determinism follows `torch.use_deterministic_algorithms`:
+when it is on, the kernels take their atomics-free path (bit-identical run to run).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _registry
+from ..reference.joint_attention import joint_attention as reference_joint_attention
+from ._checks import check_like, check_tensor
+
+OP = "joint_attention"
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    return_lse: bool = False, backend: str | None = None):
+    """softmax(q·kᵀ·scale)·v for q (B, heads, Lq, D) and k, v (B, heads, Lk, D), non-causal.
+
+    Any strides with a unit last-dim stride (the head-split view `(B, L, heads, D).transpose(1, 2)`
+    is read in place). scale defaults to 1/sqrt(D). Returns out (B, heads, Lq, D) in q's dtype, and
+    with return_lse=True also lse (B, heads, Lq) fp32 (differentiable). The GPU kernels take
+    D ∈ {64, 128}; other head dims run on the reference implementation (with a one-time warning)
+    unless a backend is named, which then raises.
+    """
+    scale = check_args(q, k, v, scale)
+    impl = _registry.select(OP, backend, q.device, q.dtype, inputs=(q, k, v))
+    out, lse = impl.fn(q, k, v, scale)
+    return (out, lse) if return_lse else out
+
+
+def check_args(q, k, v, scale) -> float:
+    for name, t, doc in (("q", q, "(B, heads, Lq, D)"), ("k", k, "(B, heads, Lk, D)"), ("v", v, "(B, heads, Lk, D)")):
+        check_tensor(name, t, dim=4, shape_doc=doc)
+    check_like("k", k, "q", q)
+    check_like("v", v, "q", q)
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have q's batch, heads and head dim ({B}, {H}, Lk, {D}); got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)} (B, heads, Lk, D); got {tuple(v.shape)}")
+    if Lq == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k must hold at least one token (L >= 1); got Lq={Lq}, Lk={k.shape[2]}")
+    if B == 0 or H == 0 or D == 0:
+        raise ValueError(f"q must have non-zero batch, heads and head dim; got shape {tuple(q.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension (stride 1); got strides "
+                             f"{t.stride()}: call .contiguous() on it")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float (default 1/sqrt(D)); got {scale!r}")
+    return float(scale)
+
+
+# ---- custom ops: fake implementations and autograd --------------------------------------------
+
+def _blhd_like(t: torch.Tensor, L: int, dtype=None) -> torch.Tensor:
+    """An empty (B, heads, L, D) tensor laid out as (B, L, heads, D) in memory (the kernels' layout)."""
+    B, H, _, D = t.shape
+    return t.new_empty((B, L, H, D), dtype=dtype).transpose(1, 2)
+
+
+def _forward_fake(q, k, v, scale):
+    B, H, Lq, _ = q.shape
+    return _blhd_like(q, Lq), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, grad_lse, scale, deterministic):
+    return _blhd_like(q, q.shape[2]), _blhd_like(k, k.shape[2]), _blhd_like(v, v.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)  # an unused lse output brings no gradient (None, not zeros)
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        elif grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        if grad_lse is not None:
+            grad_lse = grad_lse.float().contiguous()
+        grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, grad_lse, ctx.scale,
+                                             torch.are_deterministic_algorithms_enabled())
+        return grad_q, grad_k, grad_v, None
+    return backward
+
+
+def _register_native():
+    """Fake impls and autograd of the C++ ops (CPU and CUDA kernels come from `_C`)."""
+    torch.library.register_fake("cogvx::joint_attention")(_forward_fake)
+    torch.library.register_fake("cogvx::joint_attention_backward")(_backward_fake)
+    torch.library.register_autograd("cogvx::joint_attention",
+                                    _autograd_backward(torch.ops.cogvx.joint_attention_backward),
+                                    setup_context=_setup_context)
+
+
+@torch.library.custom_op("cogvx::joint_attention_triton", mutates_args=())
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import joint_attention as kernels
+    return kernels.forward(q, k, v, scale)
+
+
+@torch.library.custom_op("cogvx::joint_attention_triton_backward", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, grad_lse: Optional[torch.Tensor], scale: float,
+                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import joint_attention as kernels
+    return kernels.backward(grad_out, q, k, v, out, lse, grad_lse, scale, deterministic)
+
+
+_triton_forward.register_fake(_forward_fake)
+_triton_backward.register_fake(_backward_fake)
+_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
+
+
+def _native_forward(q, k, v, scale):
+    return torch.ops.cogvx.joint_attention(q, k, v, scale)
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+def _head_dims(*allowed: int, max_fp32: int | None = None):
+    """`accepts` check: the head dims a backend's kernels are built for (fp32/fp64 fallbacks of
+    the CUDA kernels take any D up to max_fp32)."""
+    def accepts(q, k, v):
+        D = q.shape[-1]
+        if D in allowed or (max_fp32 is not None and q.dtype in (torch.float32, torch.float64) and D <= max_fp32):
+            return None
+        return f"head dim D={D} is not supported (supported: {', '.join(map(str, allowed))})"
+    return accepts
+
+
+def _triton_accepts(q, k, v):
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"batch × heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit 65535"
+    return _head_dims(16, 32, 64, 128)(q, k, v)
+
+
+def _cpu_accepts(q, k, v):
+    return None if q.shape[-1] <= 256 else f"head dim D={q.shape[-1]} exceeds 256"
+
+
+# Forward tolerances (atol, rtol) against the reference in fp32 on the same (rounded) inputs: the
+# kernels round P to the input dtype before P·V (FlashAttention's scheme), the reference does not.
+_HALF_TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+_registry.register(_registry.Implementation(
+    OP, "reference", reference_joint_attention,
+    tolerances={torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0), **_HALF_TOL}))
+_registry.register(_registry.Implementation(
+    OP, "cpu", _native_forward, native_op=OP, accepts=_cpu_accepts,
+    tolerances={torch.float32: (1e-5, 1e-5), **_HALF_TOL}))
+_registry.register(_registry.Implementation(
+    OP, "cuda", _native_forward, native_op=OP, accepts=_head_dims(64, 128, max_fp32=256),
+    tolerances={torch.float32: (1e-5, 1e-5), **_HALF_TOL}))
+_registry.register(_registry.Implementation(
+    OP, "triton", _triton_forward, accepts=_triton_accepts,
+    # fp32 dots use TF32 on GPUs only when torch.backends.cuda.matmul.allow_tf32 is set
+    tolerances={torch.float32: (1e-4, 1e-4), **_HALF_TOL}))
