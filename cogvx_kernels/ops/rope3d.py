@@ -45,6 +45,13 @@ def qk_norm_rope3d(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_
     """Per-head LayerNorm over D of q and k (all tokens), then 3D RoPE of their video tokens: one
     pass over q and one over k. Weights/biases are (D,) or None (no affine)."""
     positions, grid = check_rope_args(q, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="q")
+    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
+    return _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, eps, tables, text_len, grid,
+                         axes_dim, backend)
+
+
+def _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, eps, tables, text_len, grid,
+                  axes_dim, backend):
     check_tensor("k", k, dim=4, shape_doc="(B, heads, L, D)")
     check_like("k", k, "q", q)
     if k.shape[2:] != q.shape[2:] or k.shape[0] != q.shape[0]:
@@ -59,10 +66,37 @@ def qk_norm_rope3d(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_
                 raise ValueError(f"{name} must have shape ({D},) on {q.device}; got {tuple(t.shape)} on {t.device}")
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive float; got {eps!r}")
-    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
     impl = _registry.select("qk_norm_rope3d", backend, q.device, q.dtype)
     args = (tables, text_len, *grid, list(axes_dim), float(eps))
     return impl.fn(q, norm_q_weight, norm_q_bias, *args), impl.fn(k, norm_k_weight, norm_k_bias, *args)
+
+
+def qk_norm_rope3d_token_tables(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_bias=None,
+                                norm_k_weight=None, norm_k_bias=None, *, eps: float = 1e-6, text_len: int,
+                                cos: torch.Tensor, sin: torch.Tensor,
+                                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qk_norm_rope3d` with per-token rotary tables instead of positions: cos, sin (N, D), one row
+    per video token with each value repeated for the two channels of its pair (diffusers'
+    `image_rotary_emb`). The same kernels read them, de-interleaved to (2, N, D/2), as a one-axis
+    grid (1, 1, N) whose single block spans all D channels; the result equals rotating by the
+    per-axis tables those rows were built from."""
+    check_tensor("q", q, dim=4, shape_doc="(B, heads, L, D)")
+    B, _, L, D = q.shape
+    N = L - text_len if isinstance(text_len, int) and not isinstance(text_len, bool) else -1
+    if not 0 < N <= L:
+        raise ValueError(f"text_len must be an int in [0, L={L}) (at least one video token); got {text_len!r}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, dim=2, shape_doc="(video tokens, D)")
+        if tuple(t.shape) != (N, D) or t.device != q.device:
+            raise ValueError(f"{name} must have shape (L - text_len, D) = ({N}, {D}) on {q.device}: one row per "
+                             f"video token; got {tuple(t.shape)} on {t.device}")
+    if D % 2:
+        raise ValueError(f"the head dim D must be even (channels rotate in pairs); got {D}")
+    # the one-axis grid (1, 1, N): rows 0 and 1 (time, height) are never read, rows 2.. hold the tokens
+    pad = cos.new_zeros((2, D // 2), dtype=torch.float32)
+    tables = torch.stack([torch.cat([pad, cos[:, ::2].float()]), torch.cat([pad, sin[:, ::2].float()])])
+    return _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, eps, tables, text_len,
+                         (1, 1, N), (0, 0, D), backend)
 
 
 def check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="x"):
