@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark harness of cogvx_kernels: every available backend of each op against the `reference`
-baseline, in one run.
+"""Benchmark harness of cogvx_kernels: every available backend of each op against a baseline in one
+run: the `reference` backend, or what the op's module names in `baselines()` (attention: SDPA).
 
     python benchmarks/run.py                              # all ops, cuda if present else cpu
     python benchmarks/run.py --op causal_conv3d --device cpu --backward \
@@ -10,7 +10,7 @@ baseline, in one run.
 
 For each (op, shape, backend, pass) it reports the median of timed repetitions after warm-up
 (CUDA events on the GPU, perf_counter on the CPU; the backends' calls interleaved round by round,
-so that a change of machine load hits them alike), the speedup over the reference (t_ref / t), the
+so that a change of machine load hits them alike), the speedup over the baseline (t_base / t), the
 achieved TFLOP/s and GB/s (minimal bytes: inputs read once, outputs written once) and, on a known
 GPU, their fraction of the device's peak, plus the peak memory of one call:
   * CUDA: max_memory_allocated after reset_peak_memory_stats, minus the memory allocated before.
@@ -62,7 +62,7 @@ BENCHMARKS = {
     "causal_conv3d": "benchmarks.causal_conv3d",
     "rope3d": "benchmarks.rope3d",
     "qk_norm_rope3d": "benchmarks.qk_norm_rope3d",
-    # "joint_attention": "benchmarks.joint_attention",
+    "joint_attention": "benchmarks.joint_attention",
 }
 
 MODES = ("forward", "forward+backward")
@@ -357,9 +357,18 @@ def load_module(op: str):
 
 
 def plan_backends(op: str, device: torch.device, dtype: torch.dtype, only: list[str] | None):
-    """(backends to time, reference first; [(backend, reason)] skipped)."""
+    """(backends to time, the baseline first; [(backend, reason)] skipped).
+
+    The baseline is the `reference` backend, unless the op's benchmark module defines
+    `baselines(device, dtype)`: then those (e.g. SDPA's backends for attention) run first, the first
+    of them is what speedups are measured against, and the reference only runs if the module's
+    `RUN_REFERENCE` is true (an eager L×L attention does not fit at the model's sequence length)."""
+    mod = load_module(op)
+    extra = list(mod.baselines(device, dtype)) if hasattr(mod, "baselines") else []
     run, skipped = [], []
     for impl in _registry.implementations(op):
+        if impl.backend == "reference" and extra and not getattr(mod, "RUN_REFERENCE", False):
+            continue
         if only and impl.backend not in only and impl.backend != "reference":
             continue
         reason = impl.unavailable(device)
@@ -372,7 +381,7 @@ def plan_backends(op: str, device: torch.device, dtype: torch.dtype, only: list[
         else:
             skipped.append((impl.backend, reason))
     run.sort(key=lambda b: (b != "reference", _registry.BACKEND_RANK[b]))
-    return run, skipped
+    return extra + run, skipped
 
 
 def _max_diff(out, ref) -> float:
@@ -411,9 +420,9 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
                 if not backward:
                     with torch.no_grad():
                         out = fns[backend]()
-                    if backend == "reference":
+                    if backend == backends[0]:
                         ref_out = out
-                    row["max_abs_diff_vs_reference"] = None if ref_out is None else _max_diff(out, ref_out)
+                    row["max_abs_diff_vs_baseline"] = None if ref_out is None else _max_diff(out, ref_out)
                     del out
                 if device.type == "cuda" and not args.no_memory:
                     row["peak_mem_mib"] = cuda_peak_mib(fns[backend], device)
@@ -433,11 +442,12 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
                         row["peak_mem_warm_mib"] = info.get("peak_warm_mib")
                         row["peak_mem_detail"] = info
         for row in shape_rows:
-            ref = next((r for r in shape_rows if r["backend"] == "reference" and r["mode"] == row["mode"]), None)
+            ref = next((r for r in shape_rows if r["backend"] == backends[0] and r["mode"] == row["mode"]), None)
+            row["baseline"] = backends[0]
             t = row["median_ms"] / 1e3
-            row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"] if ref else None
+            row["speedup_vs_baseline"] = ref["median_ms"] / row["median_ms"] if ref else None
             # on a loaded machine the fastest call is the better estimate of the unloaded time
-            row["speedup_vs_reference_min"] = ref["min_ms"] / row["min_ms"] if ref else None
+            row["speedup_vs_baseline_min"] = ref["min_ms"] / row["min_ms"] if ref else None
             row["tflops"] = row["flops"] / t / 1e12
             row["gbps"] = row["bytes"] / t / 1e9
             row["frac_peak_tflops"] = row["frac_peak_gbps"] = None
@@ -457,21 +467,21 @@ def _fmt(v, spec):
 
 
 def table(rows: list[dict], gpu: bool) -> str:
-    cols = ["op", "shape", "backend", "pass", "median ms", "vs ref", "TFLOP/s", "GB/s", "peak MiB"]
+    cols = ["op", "shape", "backend", "pass", "median ms", "vs base", "TFLOP/s", "GB/s", "peak MiB"]
     cols += ["%peak TF", "%peak BW"] if gpu else ["warm MiB"]
     cols.append("max|diff|")
     lines = []
     for r in rows:
         line = [r["op"], r["shape_label"], r["backend"], "fwd" if r["mode"] == "forward" else "fwd+bwd",
                 _fmt(r["median_ms"], ".3f"),
-                "-" if r.get("speedup_vs_reference") is None else f"{r['speedup_vs_reference']:.2f}x",
+                "-" if r.get("speedup_vs_baseline") is None else f"{r['speedup_vs_baseline']:.2f}x",
                 _fmt(r["tflops"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r.get("peak_mem_mib"), ".1f")]
         if gpu:
             line += [_fmt(None if r["frac_peak_tflops"] is None else 100 * r["frac_peak_tflops"], ".1f"),
                      _fmt(None if r["frac_peak_gbps"] is None else 100 * r["frac_peak_gbps"], ".1f")]
         else:
             line.append(_fmt(r.get("peak_mem_warm_mib"), ".1f"))
-        line.append(_fmt(r.get("max_abs_diff_vs_reference"), ".1e"))
+        line.append(_fmt(r.get("max_abs_diff_vs_baseline"), ".1e"))
         lines.append(line)
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
     right = set(range(4, len(cols)))
@@ -505,24 +515,25 @@ def write_png(path: str, rows: list[dict], head: dict) -> None:
     for ax, (op, mode) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
         labels = list(dict.fromkeys(r["shape_label"] for r in sel))
-        backends = [b for b in dict.fromkeys(r["backend"] for r in sel) if b != "reference"]
+        baseline = sel[0]["baseline"]
+        backends = [b for b in dict.fromkeys(r["backend"] for r in sel) if b != baseline]
         width = 0.8 / max(len(backends), 1)
         for j, b in enumerate(backends):
             xs, ys = [], []
             for i, lab in enumerate(labels):
                 r = next((r for r in sel if r["backend"] == b and r["shape_label"] == lab), None)
-                if r is not None and r["speedup_vs_reference"] is not None:
+                if r is not None and r["speedup_vs_baseline"] is not None:
                     xs.append(i + (j - (len(backends) - 1) / 2) * width)
-                    ys.append(r["speedup_vs_reference"])
+                    ys.append(r["speedup_vs_baseline"])
             bars = ax.bar(xs, ys, width, label=b)
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.axhline(1.0, color="k", ls="--", lw=1, label="reference")
-        speedups = [r["speedup_vs_reference"] for r in sel if r["speedup_vs_reference"]]
+        ax.axhline(1.0, color="k", ls="--", lw=1, label=baseline)
+        speedups = [r["speedup_vs_baseline"] for r in sel if r["speedup_vs_baseline"]]
         if speedups and (min(speedups) < 0.2 or max(speedups) > 5):
             ax.set_yscale("log")
         ax.set_xlim(-0.75, len(labels) - 0.25)
         ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
-        ax.set_ylabel("speedup vs reference (t_ref / t)")
+        ax.set_ylabel(f"speedup vs {baseline} (t_base / t)")
         ax.set_title(f"{op} {mode}, {head['dtype']}, {where}", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -541,7 +552,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--backend", action="append", choices=[b for b in _registry.BACKENDS if b != "reference"],
-                   help="only these backends (repeatable; the reference always runs)")
+                   help="only these backends (repeatable; the baseline always runs)")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--quick", action="store_true", help="1-2 shapes per op and fewer repeats")
     p.add_argument("--tiny", action="store_true", default=os.environ.get("COGVX_BENCH_TINY") == "1",

@@ -53,14 +53,14 @@ def test_rows(tiny_run):
             for r in sel:
                 assert r["op"] == "causal_conv3d"
                 assert r["median_ms"] > 0 and all(t > 0 for t in r["times_ms"]) and r["reps"] >= 3
-                assert r["speedup_vs_reference"] > 0
+                assert r["speedup_vs_baseline"] > 0
                 assert r["tflops"] > 0 and r["gbps"] > 0 and r["flops"] > 0 and r["bytes"] > 0
                 assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] >= 0
     for r in rows:
         if r["backend"] == "reference":
-            assert r["speedup_vs_reference"] == pytest.approx(1.0)
+            assert r["speedup_vs_baseline"] == pytest.approx(1.0)
         if r["mode"] == "forward":
-            assert r["max_abs_diff_vs_reference"] < 1e-3
+            assert r["max_abs_diff_vs_baseline"] < 1e-3
     # triton on CPU is only the interpreter: skipped, with the reason in the JSON and the output
     assert not any(r["backend"] == "triton" for r in rows)
     assert any(s["backend"] == "triton" and "interpreter" in s["reason"] for s in data["skipped"])
