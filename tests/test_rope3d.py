@@ -8,6 +8,7 @@ import torch
 
 import cogvx_kernels
 from cogvx_kernels.nn.rope3d import resize_crop_region
+from cogvx_kernels.ops.rope3d import qk_norm_rope3d_token_tables
 from cogvx_kernels.reference import rope3d as reference
 from parity import assert_close, backend_params, implementation
 
@@ -168,6 +169,46 @@ def test_qk_norm_rope3d_matches_diffusers(backend, device, case, affine, dtype):
     # gradients of the affine parameters sum over every row: compare relative to their magnitude
     for name, a, e in zip(["q", "k", "wq", "bq", "wk", "bk"], got, want):
         assert_close(a, e, (tol[0], max(tol[1], 1e-4)), f"{backend} grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [0, 2])
+@pytest.mark.parametrize("backend,device", backend_params("qk_norm_rope3d"))
+def test_token_tables_equal_positions(backend, device, case, dtype):
+    """diffusers' per-token (cos, sin) tables, read as a one-axis grid, give exactly what the
+    per-axis positions give (forward and backward): the attention processor relies on it."""
+    implementation("qk_norm_rope3d", backend, device)
+    B, heads, D, text_len, T, H, W, kind = CASES[case]
+    pos, cos, sin = diffusers_tables(D, T, H, W, kind, device)
+    L = text_len + T * H * W
+    q = make_x(B, heads, D, L, dtype, device, seed=0).requires_grad_()
+    k = make_x(B, heads, D, L, dtype, device, seed=1).requires_grad_()
+    w, b = torch.randn(D, device=device, dtype=dtype), torch.randn(D, device=device, dtype=dtype)
+    by_positions = cogvx_kernels.qk_norm_rope3d(q, k, w, b, w, b, text_len=text_len, pos_t=pos[0], pos_h=pos[1],
+                                                pos_w=pos[2], axes_dim=axes_for(D), backend=backend)
+    by_tables = qk_norm_rope3d_token_tables(q, k, w, b, w, b, text_len=text_len, cos=cos, sin=sin, backend=backend)
+    tol = (1e-6, 1e-6) if dtype == torch.float32 else (0.0, 1e-2)  # tables from float64 positions vs fp32
+    for a, e, what in zip(by_tables, by_positions, "qk"):
+        assert_close(a, e, tol, f"{backend} {what}")
+    g = torch.randn(by_tables[0].shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    got = torch.autograd.grad(by_tables, (q, k), (g, g))
+    want = torch.autograd.grad(by_positions, (q, k), (g, g))
+    for a, e, what in zip(got, want, "qk"):
+        assert_close(a, e, tol, f"{backend} grad {what}")
+
+
+@pytest.mark.parametrize("override,match", [
+    (dict(cos=torch.ones(11, 64)), r"cos must have shape \(L - text_len, D\) = \(12, 64\)"),
+    (dict(sin=torch.ones(12, 32)), r"sin must have shape"),
+    (dict(text_len=16), r"text_len must be an int in \[0, L=16\)"),
+    (dict(text_len=-1), r"text_len must be an int"),
+])
+def test_token_tables_bad_input(override, match):
+    q = torch.randn(1, 2, 16, 64)
+    args = dict(text_len=4, cos=torch.ones(12, 64), sin=torch.zeros(12, 64), **{})
+    args.update(override)
+    with pytest.raises(ValueError, match=match):
+        qk_norm_rope3d_token_tables(q, q, **args)
 
 
 def test_never_builds_a_per_token_table():
