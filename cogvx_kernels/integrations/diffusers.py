@@ -52,8 +52,10 @@ class CogVideoXAttnProcessor:
             raise ValueError("CogVideoXAttnProcessor handles CogVideoX's joint self-attention, not cross-attention")
         if encoder_hidden_states is None:
             raise ValueError("CogVideoXAttnProcessor needs encoder_hidden_states (the text tokens)")
-        return joint_attend(attn, hidden_states, encoder_hidden_states, self._qk_transform(attn, image_rotary_emb),
-                            self.backend)
+        text_len = encoder_hidden_states.shape[1]
+        out = joint_attend(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len,
+                           self._qk_transform(attn, image_rotary_emb), self.backend)
+        return out[:, text_len:], out[:, :text_len]
 
     def _qk_transform(self, attn, image_rotary_emb):
         def transform(q, k, text_len):

@@ -19,13 +19,10 @@ from ..ops.rope3d import qk_norm_rope3d, rope3d
 QKTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def joint_attend(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 qk_transform: QKTransform, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of `attn` (to_q/to_k/to_v/to_out and `heads`) over [text, video]: returns the
-    (video, text) parts of the output, as diffusers' CogVideoX attention does."""
-    text_len = encoder_hidden_states.shape[1]
-    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-
+def joint_attend(attn: nn.Module, x: torch.Tensor, text_len: int, qk_transform: QKTransform,
+                 backend: str | None = None) -> torch.Tensor:
+    """Attention of `attn` (to_q/to_k/to_v/to_out and `heads`) over the joint sequence
+    x = [text, video] (B, text_len + N, dim) -> (B, text_len + N, dim)."""
     def split_heads(t):  # (B, L, heads·D) -> (B, heads, L, D), a view: the kernels read strides
         return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
@@ -34,14 +31,14 @@ def joint_attend(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
     out = joint_attention(q, k, v, backend=backend).transpose(1, 2).flatten(2)  # free: (B, L, heads, D) memory
     for layer in attn.to_out:
         out = layer(out)
-    return out[:, text_len:], out[:, :text_len]
+    return out
 
 
 class JointAttention(nn.Module):
     """CogVideoX's attention over the concatenated text + video sequence.
 
     forward(hidden_states (B, N, dim) video, encoder_hidden_states (B, text_len, dim), positions)
-    -> (video out, text out). `positions` is (pos_t, pos_h, pos_w) of the video tokens (as
+    -> (video out, text out); `joint(x, text_len, positions)` takes the concatenated [text, video]. `positions` is (pos_t, pos_h, pos_w) of the video tokens (as
     `Rope3D.positions` gives them) for 3D-RoPE, head dims split 2/8, 3/8, 3/8; None: no rotation.
     """
 
@@ -71,7 +68,13 @@ class JointAttention(nn.Module):
         return transform
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, positions=None):
-        return joint_attend(self, hidden_states, encoder_hidden_states, self._qk_transform(positions), self.backend)
+        text_len = encoder_hidden_states.shape[1]
+        out = self.joint(torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, positions)
+        return out[:, text_len:], out[:, :text_len]
+
+    def joint(self, x: torch.Tensor, text_len: int, positions=None) -> torch.Tensor:
+        """The same attention on the already concatenated sequence x = [text, video] (B, L, dim)."""
+        return joint_attend(self, x, text_len, self._qk_transform(positions), self.backend)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, qk_norm={self.norm_q is not None}"

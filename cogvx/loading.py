@@ -1,0 +1,172 @@
+"""diffusers-format folders ⇄ our modules: config.json plus safetensors weights (one file, or shards
+listed by an index), read and written with `safetensors` directly (no diffusers at run time).
+
+Loading builds nothing twice: the model is constructed on the meta device, each tensor is read from
+its file straight onto the target device, converted to the target dtype on its own, and assigned to
+the module (`load_state_dict(assign=True)`), so the weights exist once, plus at most one tensor in
+conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+DIFFUSERS_VERSION = "0.42.0"  # the diffusers version whose format and numerics we follow
+
+
+def component_folder(folder: str | Path, component: str) -> Path:
+    """`folder` itself when it holds a config.json, else its `component` subfolder (a pipeline root)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or is not a directory")
+    if not (folder / "config.json").is_file() and (folder / component / "config.json").is_file():
+        return folder / component
+    return folder
+
+
+def read_config(folder: Path, class_name: str) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json: expected a diffusers-format {class_name} folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    found = config.get("_class_name")
+    if found is not None and found != class_name:
+        raise ValueError(f"{str(path)!r} describes a {found}, not a {class_name}")
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index lists, or the single weights file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(index)!r} lists shards that are missing: {missing}")
+        return [folder / n for n in names]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return [folder / others[0]]
+    hint = " (PyTorch .bin weights are not read: convert them to safetensors)" if any(folder.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+
+
+def _listing(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None) -> None:
+    """Fill a meta-device `model` with the folder's weights, on `device` (default CPU) in `dtype`
+    (default: the checkpoint's floating dtype). Missing, unexpected or misshapen tensors raise,
+    listing the names."""
+    device = torch.device(device if device is not None else "cpu")
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    files = weight_files(folder)
+    located: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                located[key] = path
+    missing, unexpected = expected.keys() - located.keys(), located.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"the weights in {str(folder)!r} do not match the model: "
+                         + "; ".join(part for part in (f"missing {_listing(missing)}" if missing else "",
+                                                       f"unexpected {_listing(unexpected)}" if unexpected else "")
+                                     if part))
+    if dtype is None:
+        dtype = _checkpoint_dtype(files)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[key].shape:
+                    raise ValueError(f"{key} in {path.name} has shape {tuple(tensor.shape)}; the config implies "
+                                     f"{tuple(expected[key].shape)}")
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state, assign=True, strict=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors not filled by the checkpoint: {_listing(left)}")
+
+
+def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype most floating tensors of the checkpoint are stored in (by element count)."""
+    counts: dict[torch.dtype, int] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + max(1, _numel(sl.get_shape()))
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, config: dict, class_name: str, *,
+                    max_shard_size: int = 10 * 2**30) -> None:
+    """config.json + safetensors (sharded with an index above `max_shard_size` bytes), each file
+    written to a temporary name and renamed, so an interrupted save leaves no partial file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for stale in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic(folder / WEIGHTS_NAME, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(folder / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
+    _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
