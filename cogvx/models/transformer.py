@@ -288,11 +288,10 @@ class Transformer3D(nn.Module):
 
     def _sinusoid(self, t, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=like.device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.dim() != 1 or t.shape[0] not in (1, batch):
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
             raise ValueError(f"{name} must be a scalar or of shape ({batch},) or (1,) for a batch of {batch}; "
                              f"got shape {tuple(t.shape)}")
+        t = t.reshape(-1).expand(batch)  # one row per sample, whichever form was given
         dim = self.config.inner_dim if name == "timestep" else self.config.ofs_embed_dim
         return timestep_embedding(t, dim, flip_sin_to_cos=self.config.flip_sin_to_cos,
                                   freq_shift=self.config.freq_shift)
