@@ -23,7 +23,9 @@ GPU, their fraction of the device's peak, plus the peak memory of one call:
     mark in ru_maxrss (Linux carries signal->maxrss across exec), so it usually hides the call.
 
 Adding an op: write `benchmarks/<op>.py` with the interface documented in
-`benchmarks/causal_conv3d.py` and add it to BENCHMARKS below.
+`benchmarks/causal_conv3d.py` and add it to BENCHMARKS below. A model benchmark (not a registry
+op, e.g. `benchmarks/transformer.py`: cogvx vs diffusers) defines `contenders(device, dtype)`, the
+names it times, baseline first, instead of relying on registered backends.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ BENCHMARKS = {
     "rope3d": "benchmarks.rope3d",
     "qk_norm_rope3d": "benchmarks.qk_norm_rope3d",
     "joint_attention": "benchmarks.joint_attention",
+    "transformer": "benchmarks.transformer",
 }
 
 MODES = ("forward", "forward+backward")
@@ -364,6 +367,8 @@ def plan_backends(op: str, device: torch.device, dtype: torch.dtype, only: list[
     of them is what speedups are measured against, and the reference only runs if the module's
     `RUN_REFERENCE` is true (an eager L×L attention does not fit at the model's sequence length)."""
     mod = load_module(op)
+    if hasattr(mod, "contenders"):  # a model benchmark: its own contenders, not registry backends
+        return list(mod.contenders(device, dtype)), []
     extra = list(mod.baselines(device, dtype)) if hasattr(mod, "baselines") else []
     run, skipped = [], []
     for impl in _registry.implementations(op):
@@ -586,7 +591,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
 
     ops = list(dict.fromkeys(args.op or BENCHMARKS))
-    registered = set(_registry.ops())
+    registered = set(_registry.ops()) | {op for op in BENCHMARKS if hasattr(load_module(op), "contenders")}
     missing = [op for op in ops if op not in registered]
     for op in missing:
         print(f"skipping {op}: it is not in the cogvx_kernels registry (not implemented yet?)")

@@ -74,6 +74,25 @@ def test_table_and_png(tiny_run):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_transformer_benchmark_runs_ours_against_diffusers(tmp_path):
+    """The model benchmark: its contenders (diffusers first, the baseline) timed in one run, the same
+    outputs, and a memory figure per contender from a child process that loads and runs the model."""
+    pytest.importorskip("diffusers")
+    json_path = tmp_path / "t.json"
+    cmd = [sys.executable, RUN, "--quick", "--tiny", "--device", "cpu", "--op", "transformer", "--json", str(json_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "COGVX_BENCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {(row["shape"]["kind"], row["backend"]) for row in rows} == {
+        (kind, who) for kind in ("block", "forward") for who in ("diffusers", "cogvx")}
+    for row in rows:
+        assert row["baseline"] == "diffusers" and row["speedup_vs_baseline"] > 0
+        assert row["max_abs_diff_vs_baseline"] < 1e-4
+        assert row["peak_mem_mib"] is not None and row["peak_mem_mib"] > 0
+
+
 def test_conv_work_formulas():
     from benchmarks import causal_conv3d as bench
 
