@@ -55,7 +55,7 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     if tiny:
         return list(_TINY)
     chosen = _GPU if torch.device(device).type == "cuda" else _CPU
-    return [chosen[1], chosen[2]] if quick else list(chosen)
+    return [chosen[1], chosen[3]] if quick else list(chosen)  # quick: the 5B block and forward
 
 
 def shape_set(device, quick: bool, tiny: bool = False) -> str:

@@ -35,7 +35,10 @@ step build env COGVX_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 step info "$PY" -m cogvx_kernels.info
 step cuda_tests "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" tests
 step triton_aot "$PY" -m cogvx_kernels.triton.aot --json "$OUT/triton_aot.json"
-step benchmarks "$PY" benchmarks/run.py --device cuda --backward --json "$OUT/benchmarks.json" --png "$OUT/benchmarks.png"
+step benchmarks "$PY" benchmarks/run.py --device cuda --backward --op causal_conv3d --op rope3d --op qk_norm_rope3d \
+  --op joint_attention --json "$OUT/benchmarks.json" --png "$OUT/benchmarks.png"
+# the model at the real 17,776-token sequence: inference only (a 42-layer backward would not fit), quick repeats
+step transformer_bench "$PY" benchmarks/run.py --device cuda --quick --op transformer --json "$OUT/transformer.json"
 
 {
   echo "{"
@@ -43,7 +46,7 @@ step benchmarks "$PY" benchmarks/run.py --device cuda --backward --json "$OUT/be
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
   echo "  \"steps\": {"
   first=1
-  for name in build info cuda_tests triton_aot benchmarks; do
+  for name in build info cuda_tests triton_aot benchmarks transformer_bench; do
     [ $first = 1 ] || echo ","
     first=0
     printf '    "%s": {"rc": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"
