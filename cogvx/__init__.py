@@ -1,5 +1,5 @@
 """cogvx: CogVideoX text-to-video on our own kernels (model layer; see cogvx_kernels for the ops)."""
-from .models import Transformer3D, TransformerConfig
+from .models import CausalVAE, Transformer3D, TransformerConfig, VAEConfig
 
-__all__ = ["Transformer3D", "TransformerConfig"]
+__all__ = ["CausalVAE", "Transformer3D", "TransformerConfig", "VAEConfig"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""CogVideoX's networks: the expert transformer (and, to come, the 3D causal VAE)."""
+"""CogVideoX's networks: the expert transformer and the 3D causal VAE."""
 from .transformer import Transformer3D, TransformerConfig
+from .vae import CausalVAE, DiagonalGaussian, VAEConfig
 
-__all__ = ["Transformer3D", "TransformerConfig"]
+__all__ = ["CausalVAE", "DiagonalGaussian", "Transformer3D", "TransformerConfig", "VAEConfig"]

@@ -1,0 +1,363 @@
+"""CogVideoX's 3D causal VAE: video (B, 3, F, H, W) in [-1, 1] ⇄ a diagonal-Gaussian latent
+(B, 16, 1 + (F-1)/4, H/8, W/8), temporally causal convolutions (our `CausalConv3d`), ResNet blocks
+with GroupNorm (decoder: SpatialNorm3D conditioned on the latent), processed in frame chunks with
+conv caches as diffusers does, so results match its `AutoencoderKLCogVideoX`.
+
+Parameter names are diffusers'; `cogvx.loading` reads its folders. Each module's forward takes and
+returns a `cache` dict (the conv caches of every causal conv inside it, keyed as diffusers keys them):
+a chunk after the first sees the last frames of the previous chunk through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogvx_kernels.nn import CausalConv3d
+
+from .. import loading
+
+DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers' `AutoencoderKLCogVideoX` config (same keys and defaults)."""
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple = ("CogVideoXUpBlock3D",) * 4
+    block_out_channels: tuple = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    sample_height: int = 480
+    sample_width: int = 720
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
+    force_upcast: float = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.act_fn != "silu":
+            problems.append(f"act_fn must be 'silu'; got {self.act_fn!r}")
+        if set(self.down_block_types) - {"CogVideoXDownBlock3D"} or set(self.up_block_types) - {"CogVideoXUpBlock3D"}:
+            problems.append("block types must be CogVideoXDownBlock3D / CogVideoXUpBlock3D")
+        if len(self.up_block_types) != len(self.block_out_channels) or len(self.down_block_types) != len(
+                self.block_out_channels):
+            problems.append("down_block_types, up_block_types and block_out_channels must have the same length")
+        if self.use_quant_conv or self.use_post_quant_conv:
+            problems.append("use_quant_conv / use_post_quant_conv are not used by CogVideoX and not supported")
+        if problems:
+            raise ValueError("unsupported VAE config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "VAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"config has keys a CogVideoX VAE does not know: {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def temporal_levels(self) -> int:  # how many stages halve (encoder) / double (decoder) time
+        return int(math.log2(self.temporal_compression_ratio))
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior: mean and log-variance (clamped to [-30, 20]) over channels."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std · ε, ε drawn like diffusers' randn_tensor (on the generator's device, then moved)."""
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over every latent element: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 2D module applied to every frame of (B, C, T, H, W)."""
+    b, _, t = x.shape[:3]
+    y = module(x.transpose(1, 2).flatten(0, 1))
+    return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class SpatialNorm3D(nn.Module):
+    """GroupNorm of f, then scaled and shifted by 1×1×1 convs of the latent zq resized to f's size
+    (the first frame resized on its own when f has an odd frame count > 1, as the causal layout has it)."""
+
+    def __init__(self, channels: int, zq_channels: int, groups: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_y = CausalConv3d(zq_channels, channels, 1)
+        self.conv_b = CausalConv3d(zq_channels, channels, 1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        if f.shape[2] > 1 and f.shape[2] % 2 == 1:
+            zq = torch.cat([F.interpolate(zq[:, :, :1], size=(1, *f.shape[-2:])),
+                            F.interpolate(zq[:, :, 1:], size=(f.shape[2] - 1, *f.shape[-2:]))], dim=2)
+        else:
+            zq = F.interpolate(zq, size=f.shape[-3:])
+        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+
+
+class ResnetBlock3D(nn.Module):
+    """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, plus a (1×1×1 conv) shortcut.
+    Norms are GroupNorm (encoder) or SpatialNorm3D on the latent (decoder, `zq_channels`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, eps: float, zq_channels: int | None = None):
+        super().__init__()
+        if zq_channels is None:
+            self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+            self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        else:
+            self.norm1 = SpatialNorm3D(in_channels, zq_channels, groups)
+            self.norm2 = SpatialNorm3D(out_channels, zq_channels, groups)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _norm(self, norm, x, zq):
+        return norm(x) if zq is None else norm(x, zq)
+
+    def forward(self, x: torch.Tensor, cache: dict, zq: torch.Tensor | None = None):
+        new = {}
+        h = F.silu(self._norm(self.norm1, x, zq))
+        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
+        h = F.silu(self._norm(self.norm2, h, zq))
+        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h + shortcut, new
+
+
+class Downsample3D(nn.Module):
+    """Optional 2× time compression (keep the first frame of an odd count, average the rest in
+    pairs), then a stride-2 3×3 conv per frame with zero padding on the bottom/right."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compress_time:
+            b, c, t, h, w = x.shape
+            frames = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, t)
+            if t % 2 == 1:
+                rest = F.avg_pool1d(frames[..., 1:], 2, 2) if t > 1 else frames[..., 1:]
+                frames = torch.cat([frames[..., :1], rest], dim=-1)
+            else:
+                frames = F.avg_pool1d(frames, 2, 2)
+            x = frames.reshape(b, h, w, c, -1).permute(0, 3, 4, 1, 2)
+        return _per_frame(self.conv, F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample3D(nn.Module):
+    """Nearest 2× upsampling in space (and in time when compress_time, the first frame of an odd
+    count kept single), then a 3×3 conv per frame."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[2]
+        if self.compress_time and t > 1 and t % 2 == 1:
+            x = torch.cat([F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None],
+                           F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2)
+        elif self.compress_time and t > 1:
+            x = F.interpolate(x, scale_factor=2.0)
+        else:
+            x = _per_frame(lambda frames: F.interpolate(frames, scale_factor=2.0), x)
+        return _per_frame(self.conv, x)
+
+
+class Stage(nn.Module):
+    """ResNet blocks then an optional resampler: one of the four encoder/decoder stages (and, without
+    resampler, the mid block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, *, groups: int, eps: float,
+                 zq_channels: int | None = None, resample: str | None = None, compress_time: bool = False):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps,
+                          zq_channels=zq_channels) for i in range(layers))
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample3D(out_channels, compress_time)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample3D(out_channels, compress_time)])
+
+    def forward(self, x: torch.Tensor, cache: dict, zq: torch.Tensor | None = None):
+        new = {}
+        for i, resnet in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = resnet(x, cache.get(f"resnet_{i}", {}), zq)
+        for resampler in [*getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]:
+            x = resampler(x)
+        return x, new
+
+
+class Encoder3D(nn.Module):
+    """conv_in, four down stages (2× space except the last, 2× time in the first
+    log2(temporal_compression_ratio)), mid block, GroupNorm, SiLU, conv_out to 2·latent channels."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch, g, eps = c.block_out_channels, c.norm_num_groups, c.norm_eps
+        self.conv_in = CausalConv3d(c.in_channels, ch[0], 3)
+        self.down_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], c.layers_per_block, groups=g, eps=eps,
+                  resample="down" if i < len(ch) - 1 else None, compress_time=i < c.temporal_levels)
+            for i in range(len(ch)))
+        self.mid_block = Stage(ch[-1], ch[-1], 2, groups=g, eps=eps)
+        self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(ch[-1], 2 * c.latent_channels, 3)
+
+    def forward(self, x: torch.Tensor, cache: dict):
+        new = {}
+        x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, block in enumerate(self.down_blocks):
+            x, new[f"down_block_{i}"] = block(x, cache.get(f"down_block_{i}", {}))
+        x, new["mid_block"] = self.mid_block(x, cache.get("mid_block", {}))
+        x, new["conv_out"] = self.conv_out(F.silu(self.norm_out(x)), cache.get("conv_out"))
+        return x, new
+
+
+class Decoder3D(nn.Module):
+    """conv_in, mid block, four up stages (layers_per_block + 1 ResNets each, 2× space except the
+    last, 2× time in the first log2(ratio)), SpatialNorm3D, SiLU, conv_out; every norm conditioned on
+    the latent chunk."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch, g, eps, z = list(reversed(c.block_out_channels)), c.norm_num_groups, c.norm_eps, c.latent_channels
+        self.conv_in = CausalConv3d(z, ch[0], 3)
+        self.mid_block = Stage(ch[0], ch[0], 2, groups=g, eps=eps, zq_channels=z)
+        self.up_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, groups=g, eps=eps, zq_channels=z,
+                  resample="up" if i < len(ch) - 1 else None, compress_time=i < c.temporal_levels)
+            for i in range(len(ch)))
+        self.norm_out = SpatialNorm3D(ch[-1], z, g)
+        self.conv_out = CausalConv3d(ch[-1], c.out_channels, 3)
+
+    def forward(self, z: torch.Tensor, cache: dict):
+        new = {}
+        x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+        x, new["mid_block"] = self.mid_block(x, cache.get("mid_block", {}), z)
+        for i, block in enumerate(self.up_blocks):
+            x, new[f"up_block_{i}"] = block(x, cache.get(f"up_block_{i}", {}), z)
+        x, new["conv_out"] = self.conv_out(F.silu(self.norm_out(x, z)), cache.get("conv_out"))
+        return x, new
+
+
+def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
+    """diffusers' chunking: max(frames // size, 1) chunks of `size`, the remainder in the first."""
+    count, rest = max(frames // size, 1), frames % size
+    return [(0 if i == 0 else size * i + rest, min(size * (i + 1) + rest, frames)) for i in range(count)]
+
+
+class CausalVAE(nn.Module):
+    """CogVideoX's 3D causal VAE (diffusers' AutoencoderKLCogVideoX layouts: video (B, C, F, H, W)).
+
+    encode(video) -> DiagonalGaussian; decode(latents) -> video tensor. chunking="diffusers" (default)
+    processes frames in diffusers' chunks (encode 8 video frames, decode 2 latent frames, remainder
+    first; GroupNorm statistics per chunk); "whole" takes the whole video as one chunk.
+    `scaling_factor` is the pipeline's business, not applied here.
+    """
+
+    def __init__(self, config: VAEConfig | dict | None = None, *, chunking: str = "diffusers"):
+        super().__init__()
+        config = VAEConfig() if config is None else VAEConfig.from_dict(config) if isinstance(config, dict) else config
+        self.config = config
+        self.encoder = Encoder3D(config)
+        self.decoder = Decoder3D(config)
+        self.set_chunking(chunking)
+
+    def set_chunking(self, chunking: str, *, encode_frames: int = 8, decode_latents: int = 2) -> "CausalVAE":
+        if chunking not in ("diffusers", "whole"):
+            raise ValueError(f"chunking must be 'diffusers' or 'whole'; got {chunking!r}")
+        if encode_frames < 1 or decode_latents < 1:
+            raise ValueError("encode_frames and decode_latents must be positive")
+        self.chunking, self.encode_frames, self.decode_latents = chunking, encode_frames, decode_latents
+        return self
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | None = None, device=None,
+                        chunking: str = "diffusers") -> "CausalVAE":
+        """Load a diffusers-format VAE folder (or a pipeline root with vae/); see Transformer3D."""
+        folder = loading.component_folder(folder, "vae")
+        config = VAEConfig.from_dict(loading.read_config(folder, DIFFUSERS_CLASS))
+        with torch.device("meta"):
+            model = cls(config, chunking=chunking)
+        loading.load_weights(model, folder, dtype=dtype, device=device)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30) -> None:
+        loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size)
+
+    def _chunks(self, frames: int, size: int):
+        return [(0, frames)] if self.chunking == "whole" else frame_chunks(frames, size)
+
+    def _check(self, x: torch.Tensor, name: str, channels: int, multiple: int):
+        if x.dim() != 5:
+            raise ValueError(f"{name} must be (batch, channels, frames, height, width); got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{name} must have {channels} channels (dim 1 of (B, C, F, H, W)); got {x.shape[1]}")
+        if x.shape[3] % multiple or x.shape[4] % multiple:
+            raise ValueError(f"{name} height and width must be multiples of {multiple}; got {x.shape[3]}×{x.shape[4]}")
+        if x.dtype != self.encoder.conv_in.conv.weight.dtype:
+            raise ValueError(f"{name} is {x.dtype} but the VAE is {self.encoder.conv_in.conv.weight.dtype}")
+
+    def encode(self, video: torch.Tensor) -> DiagonalGaussian:
+        self._check(video, "video", self.config.in_channels, self.config.spatial_factor)
+        ratio = int(self.config.temporal_compression_ratio)
+        if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
+            raise ValueError(f"video must have 1 + {ratio}·k frames (causal layout: the first frame alone); "
+                             f"got {video.shape[2]}")
+        cache: dict = {}
+        moments = []
+        for start, end in self._chunks(video.shape[2], self.encode_frames):
+            out, cache = self.encoder(video[:, :, start:end], cache)
+            moments.append(out)
+        return DiagonalGaussian(torch.cat(moments, dim=2))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check(latents, "latents", self.config.latent_channels, 1)
+        cache: dict = {}
+        frames = []
+        for start, end in self._chunks(latents.shape[2], self.decode_latents):
+            out, cache = self.decoder(latents[:, :, start:end], cache)
+            frames.append(out)
+        return torch.cat(frames, dim=2)

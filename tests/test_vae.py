@@ -1,0 +1,121 @@
+"""cogvx.CausalVAE against diffusers' AutoencoderKLCogVideoX on tiny random VAEs saved by diffusers:
+encode (mean, logvar, sample) and decode with diffusers' chunking and whole-video chunking,
+causality across chunks, save round trip, bad input."""
+import pytest
+import torch
+
+from cogvx.models.vae import CausalVAE, frame_chunks
+from parity import assert_close
+
+diffusers = pytest.importorskip("diffusers")
+
+FP32 = (0.0, 1e-4)  # max |ours - diffusers| <= 1e-4 · max |diffusers|
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(32, 32, 64, 64), latent_channels=4, layers_per_block=1,
+                                           norm_num_groups=8, sample_height=32, sample_width=48)
+    with torch.no_grad():  # random GroupNorm affines: left at ones/zeros they would hide mistakes
+        for name, p in vae.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = tiny_vae()
+    folder = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(folder)
+    return ref, CausalVAE.from_pretrained(folder)
+
+
+def test_frame_chunks_follow_diffusers():
+    assert frame_chunks(17, 8) == [(0, 9), (9, 17)]
+    assert frame_chunks(5, 2) == [(0, 3), (3, 5)]
+    assert frame_chunks(1, 2) == [(0, 1)]
+    assert frame_chunks(13, 2) == [(0, 3), (3, 5), (5, 7), (7, 9), (9, 11), (11, 13)]
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9, 13, 17])
+def test_encode_and_decode_match_diffusers(pair, frames):
+    ref, ours = pair
+    video = torch.randn(2, 3, frames, 16, 24, generator=torch.Generator().manual_seed(frames))
+    with torch.no_grad():
+        expected = ref.encode(video).latent_dist
+        actual = ours.encode(video)
+        assert_close(actual.mean, expected.mean, FP32, "posterior mean")
+        assert_close(actual.logvar, expected.logvar, FP32, "posterior logvar")
+        sample = actual.sample(torch.Generator().manual_seed(3))
+        assert_close(sample, expected.sample(torch.Generator().manual_seed(3)), FP32, "posterior sample")
+        latents = expected.mean
+        assert_close(ours.decode(latents), ref.decode(latents).sample, FP32, "decode")
+
+
+def test_whole_video_chunking_matches_diffusers_with_one_chunk(pair):
+    ref, ours = pair
+    video = torch.randn(1, 3, 17, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref.num_sample_frames_batch_size, ref.num_latent_frames_batch_size = 1000, 1000
+    ours.set_chunking("whole")
+    try:
+        with torch.no_grad():
+            expected = ref.encode(video).latent_dist.mean
+            assert_close(ours.encode(video).mean, expected, FP32, "whole encode")
+            assert_close(ours.decode(expected), ref.decode(expected).sample, FP32, "whole decode")
+    finally:
+        ref.num_sample_frames_batch_size, ref.num_latent_frames_batch_size = 8, 2
+        ours.set_chunking("diffusers")
+
+
+def test_decode_is_causal_across_chunks(pair):
+    """Changing a latent of a later chunk leaves every frame decoded from earlier chunks bit-identical;
+    with chunks of one latent (each decoded to one frame, as diffusers does) the decode is causal
+    frame by frame."""
+    _, ours = pair
+    latents = torch.randn(1, 4, 5, 2, 3, generator=torch.Generator().manual_seed(1))
+    changed = latents.clone()
+    changed[:, :, 3] += 1.0  # chunks [0:3] [3:5]: the first chunk decodes to 9 frames
+    with torch.no_grad():
+        a, b = ours.decode(latents), ours.decode(changed)
+        assert torch.equal(a[:, :, :9], b[:, :, :9]) and not torch.equal(a[:, :, 9:], b[:, :, 9:])
+        ours.set_chunking("diffusers", decode_latents=1)
+        try:
+            for k in range(1, 5):
+                later = latents.clone()
+                later[:, :, k:] += 1.0
+                x, y = ours.decode(latents), ours.decode(later)
+                assert x.shape[2] == 5
+                assert torch.equal(x[:, :, :k], y[:, :, :k]), k
+                assert not torch.equal(x[:, :, k:], y[:, :, k:]), k
+        finally:
+            ours.set_chunking("diffusers")
+
+
+def test_save_round_trip_through_diffusers(pair, tmp_path):
+    ref, ours = pair
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(tmp_path / "ours").eval()
+    latents = torch.randn(1, 4, 3, 2, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(CausalVAE.from_pretrained(tmp_path / "ours").decode(latents), ours.decode(latents))
+        assert_close(theirs.decode(latents).sample, ours.decode(latents), FP32, "diffusers on our save")
+
+
+@pytest.mark.parametrize("call,arg,message", [
+    ("encode", torch.randn(1, 3, 6, 16, 16), r"1 \+ 4·k frames"),
+    ("encode", torch.randn(1, 4, 5, 16, 16), "video must have 3 channels"),
+    ("encode", torch.randn(1, 3, 5, 12, 16), "multiples of 8"),
+    ("encode", torch.randn(1, 3, 5, 16, 16, dtype=torch.float64), "the VAE is torch.float32"),
+    ("decode", torch.randn(1, 3, 2, 2, 2), "latents must have 4 channels"),
+    ("decode", torch.randn(1, 4, 2, 2), r"latents must be \(batch, channels, frames"),
+])
+def test_bad_input_raises_clear_errors(pair, call, arg, message):
+    _, ours = pair
+    with pytest.raises(ValueError, match=message):
+        getattr(ours, call)(arg)
+
+
+def test_bad_chunking_is_refused(pair):
+    with pytest.raises(ValueError, match="chunking must be 'diffusers' or 'whole'"):
+        pair[1].set_chunking("tiles")
