@@ -3,9 +3,11 @@
 with GroupNorm (decoder: SpatialNorm3D conditioned on the latent), processed in frame chunks with
 conv caches as diffusers does, so results match its `AutoencoderKLCogVideoX`.
 
-Parameter names are diffusers'; `cogvx.loading` reads its folders. Each module's forward takes and
-returns a `cache` dict (the conv caches of every causal conv inside it, keyed as diffusers keys them):
-a chunk after the first sees the last frames of the previous chunk through it.
+Parameter names are diffusers'; `cogvx.loading` reads its folders. Every causal conv and GroupNorm
+goes through a `FrameContext` (`ctx.conv(module, x)`, `ctx.group_norm(module, x)`): it decides how
+frames outside the ones at hand reach them. The default keeps each conv's cache from one frame
+chunk to the next (single process); `cogvx.parallel.vae.ContextParallel` exchanges them between
+ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
 """
 from __future__ import annotations
 
@@ -107,6 +109,21 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
+class FrameContext:
+    """Chunked processing in one process: each causal conv keeps the last kt-1 frames of its input
+    (its cache) for the next chunk; GroupNorm statistics are those of the chunk."""
+
+    def __init__(self):
+        self.caches: dict[nn.Module, torch.Tensor | None] = {}
+
+    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        y, self.caches[conv] = conv(x, self.caches.get(conv))
+        return y
+
+    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x)
+
+
 def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A 2D module applied to every frame of (B, C, T, H, W)."""
     b, _, t = x.shape[:3]
@@ -124,13 +141,13 @@ class SpatialNorm3D(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, channels, 1)
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         if f.shape[2] > 1 and f.shape[2] % 2 == 1:
             zq = torch.cat([F.interpolate(zq[:, :, :1], size=(1, *f.shape[-2:])),
                             F.interpolate(zq[:, :, 1:], size=(f.shape[2] - 1, *f.shape[-2:]))], dim=2)
         else:
             zq = F.interpolate(zq, size=f.shape[-3:])
-        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+        return ctx.group_norm(self.norm_layer, f) * ctx.conv(self.conv_y, zq) + ctx.conv(self.conv_b, zq)
 
 
 class ResnetBlock3D(nn.Module):
@@ -149,17 +166,14 @@ class ResnetBlock3D(nn.Module):
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def _norm(self, norm, x, zq):
-        return norm(x) if zq is None else norm(x, zq)
+    @staticmethod
+    def _norm(norm, x, zq, ctx):
+        return ctx.group_norm(norm, x) if zq is None else norm(x, zq, ctx)
 
-    def forward(self, x: torch.Tensor, cache: dict, zq: torch.Tensor | None = None):
-        new = {}
-        h = F.silu(self._norm(self.norm1, x, zq))
-        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
-        h = F.silu(self._norm(self.norm2, h, zq))
-        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h + shortcut, new
+    def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
+        h = ctx.conv(self.conv1, F.silu(self._norm(self.norm1, x, zq, ctx)))
+        h = ctx.conv(self.conv2, F.silu(self._norm(self.norm2, h, zq, ctx)))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Downsample3D(nn.Module):
@@ -220,13 +234,12 @@ class Stage(nn.Module):
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample3D(out_channels, compress_time)])
 
-    def forward(self, x: torch.Tensor, cache: dict, zq: torch.Tensor | None = None):
-        new = {}
-        for i, resnet in enumerate(self.resnets):
-            x, new[f"resnet_{i}"] = resnet(x, cache.get(f"resnet_{i}", {}), zq)
+    def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, ctx, zq)
         for resampler in [*getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]:
             x = resampler(x)
-        return x, new
+        return x
 
 
 class Encoder3D(nn.Module):
@@ -245,14 +258,12 @@ class Encoder3D(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = CausalConv3d(ch[-1], 2 * c.latent_channels, 3)
 
-    def forward(self, x: torch.Tensor, cache: dict):
-        new = {}
-        x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
-        for i, block in enumerate(self.down_blocks):
-            x, new[f"down_block_{i}"] = block(x, cache.get(f"down_block_{i}", {}))
-        x, new["mid_block"] = self.mid_block(x, cache.get("mid_block", {}))
-        x, new["conv_out"] = self.conv_out(F.silu(self.norm_out(x)), cache.get("conv_out"))
-        return x, new
+    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        x = ctx.conv(self.conv_in, x)
+        for block in self.down_blocks:
+            x = block(x, ctx)
+        x = self.mid_block(x, ctx)
+        return ctx.conv(self.conv_out, F.silu(ctx.group_norm(self.norm_out, x)))
 
 
 class Decoder3D(nn.Module):
@@ -272,14 +283,11 @@ class Decoder3D(nn.Module):
         self.norm_out = SpatialNorm3D(ch[-1], z, g)
         self.conv_out = CausalConv3d(ch[-1], c.out_channels, 3)
 
-    def forward(self, z: torch.Tensor, cache: dict):
-        new = {}
-        x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        x, new["mid_block"] = self.mid_block(x, cache.get("mid_block", {}), z)
-        for i, block in enumerate(self.up_blocks):
-            x, new[f"up_block_{i}"] = block(x, cache.get(f"up_block_{i}", {}), z)
-        x, new["conv_out"] = self.conv_out(F.silu(self.norm_out(x, z)), cache.get("conv_out"))
-        return x, new
+    def forward(self, z: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        x = self.mid_block(ctx.conv(self.conv_in, z), ctx, z)
+        for block in self.up_blocks:
+            x = block(x, ctx, z)
+        return ctx.conv(self.conv_out, F.silu(self.norm_out(x, z, ctx)))
 
 
 def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
@@ -346,18 +354,13 @@ class CausalVAE(nn.Module):
         if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
             raise ValueError(f"video must have 1 + {ratio}·k frames (causal layout: the first frame alone); "
                              f"got {video.shape[2]}")
-        cache: dict = {}
-        moments = []
-        for start, end in self._chunks(video.shape[2], self.encode_frames):
-            out, cache = self.encoder(video[:, :, start:end], cache)
-            moments.append(out)
+        ctx = FrameContext()
+        moments = [self.encoder(video[:, :, start:end], ctx)
+                   for start, end in self._chunks(video.shape[2], self.encode_frames)]
         return DiagonalGaussian(torch.cat(moments, dim=2))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._check(latents, "latents", self.config.latent_channels, 1)
-        cache: dict = {}
-        frames = []
-        for start, end in self._chunks(latents.shape[2], self.decode_latents):
-            out, cache = self.decoder(latents[:, :, start:end], cache)
-            frames.append(out)
-        return torch.cat(frames, dim=2)
+        ctx = FrameContext()
+        return torch.cat([self.decoder(latents[:, :, start:end], ctx)
+                          for start, end in self._chunks(latents.shape[2], self.decode_latents)], dim=2)

@@ -1,0 +1,1 @@
+"""Multi-process execution: context parallelism for the VAE (frames split over ranks)."""
