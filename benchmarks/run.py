@@ -66,6 +66,7 @@ BENCHMARKS = {
     "qk_norm_rope3d": "benchmarks.qk_norm_rope3d",
     "joint_attention": "benchmarks.joint_attention",
     "transformer": "benchmarks.transformer",
+    "vae": "benchmarks.vae",
 }
 
 MODES = ("forward", "forward+backward")
@@ -400,7 +401,7 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
     mod = load_module(op)
     backends, skipped = plan_backends(op, device, dtype, args.backend)
     shapes = mod.shapes(device, args.quick, tiny=args.tiny)
-    modes = list(MODES if args.backward else MODES[:1])
+    modes = list(MODES if args.backward and not getattr(mod, "INFERENCE_ONLY", False) else MODES[:1])
     print(f"\n== {op}: {mod.shape_set(device, args.quick, args.tiny)}")
     print(f"   timing: {', '.join(backends)}")
     for backend, reason in skipped:

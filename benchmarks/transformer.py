@@ -14,15 +14,14 @@ Interface otherwise as in benchmarks/causal_conv3d.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 
 import cogvx
 from cogvx.models.transformer import ExpertBlock, TransformerConfig
+
+from ._checkpoints import cached_folder
 
 OP = "transformer"
 TEXT_LEN, TEXT_DIM, TIME_DIM = 226, 4096, 512
@@ -122,7 +121,7 @@ def make_inputs(shape: dict, device, dtype: torch.dtype, backward: bool, seed: i
         out_shape = (s["B"], text_len + video_len, dim) if s["kind"] == "block" else inputs["latents"].shape
         inputs["grad_out"] = rand(*out_shape)
     if torch.device(device).type == "cpu":
-        _checkpoint(s, cfg)  # written once, here, so the memory children only read it
+        _checkpoint(s, cfg)
     return inputs
 
 
@@ -136,12 +135,6 @@ def _diffusers_rotary(cfg: dict, s: dict, device):
     rope = Rope3D.from_config({**cfg, "patch_size": 2, "patch_size_t": None})
     return tuple(t.to(device) for t in token_cos_sin(*rope.positions(s["F"], s["H"], s["W"]), rope.axes_dim,
                                                      rope.theta))
-
-
-def _cache_dir(s: dict, cfg: dict) -> Path:
-    root = Path(os.environ.get("COGVX_BENCH_CACHE", Path.home() / ".cache" / "cogvx-bench"))
-    key = hashlib.sha1(json.dumps([s["kind"], cfg], sort_keys=True).encode()).hexdigest()[:12]
-    return root / f"transformer-{s['kind']}-{s['model']}-{key}"
 
 
 def _diffusers_classes():
@@ -161,21 +154,8 @@ def _diffusers_module(s: dict, cfg: dict):
 
 
 def _checkpoint(s: dict, cfg: dict) -> Path:
-    """Random weights (seed 0) in diffusers' format: a model folder, or one safetensors file for a block."""
-    from safetensors.torch import save_file
-
-    folder = _cache_dir(s, cfg)
-    done = folder / "complete"
-    if not done.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        module = _diffusers_module(s, cfg)
-        if s["kind"] == "block":
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "block.safetensors")
-        else:
-            module.save_pretrained(folder)
-        done.write_text("ok")
-    return folder
+    """Random weights (seed 0) in diffusers' format: a model folder, or weights.safetensors for a block."""
+    return cached_folder(f"transformer-{s['kind']}-{s['model']}", [s["kind"], cfg], lambda: _diffusers_module(s, cfg))
 
 
 def _load(backend: str, inputs: dict):
@@ -200,12 +180,12 @@ def _load(backend: str, inputs: dict):
         with torch.device("meta"):
             model = (_diffusers_module(s, cfg) if backend == "diffusers"
                      else ExpertBlock(TransformerConfig.from_dict(cfg)))
-        state = load_file(_cache_dir(s, cfg) / "block.safetensors")
+        state = load_file(_checkpoint(s, cfg) / "weights.safetensors")
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     elif backend == "diffusers":
-        model = _diffusers_classes()[0].from_pretrained(_cache_dir(s, cfg), torch_dtype=dtype)
+        model = _diffusers_classes()[0].from_pretrained(_checkpoint(s, cfg), torch_dtype=dtype)
     else:
-        model = cogvx.Transformer3D.from_pretrained(_cache_dir(s, cfg), dtype=dtype)
+        model = cogvx.Transformer3D.from_pretrained(_checkpoint(s, cfg), dtype=dtype)
     model.eval().requires_grad_(inputs["backward"])
     inputs["models"][backend] = model
     return model

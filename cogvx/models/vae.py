@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cogvx_kernels import causal_conv3d
 from cogvx_kernels.nn import CausalConv3d
 
 from .. import loading
@@ -124,16 +125,38 @@ class FrameContext:
         return norm(x)
 
 
-def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A 2D module applied to every frame of (B, C, T, H, W)."""
-    b, _, t = x.shape[:3]
-    y = module(x.transpose(1, 2).flatten(0, 1))
-    return y.unflatten(0, (b, t)).transpose(1, 2)
+def _per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A Conv2d applied to every frame of (B, C, T, H, W), as a (1, kh, kw) conv3d: no transposes."""
+    return F.conv3d(x, conv.weight[:, :, None], conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
+
+
+def _repeat_factors(small: torch.Tensor, big: torch.Tensor) -> tuple[int, int, int] | None:
+    """Integer (time, height, width) factors by which nearest resizing maps `small` onto `big`."""
+    factors = tuple(b // s for s, b in zip(small.shape[2:], big.shape[2:]))
+    return factors if all(s * k == b for s, k, b in zip(small.shape[2:], factors, big.shape[2:])) else None
+
+
+def _modulate_(f: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """f · nearest(scale) + nearest(shift), in place on f, with scale and shift at their own (lower)
+    resolution: broadcast over views of f, so no full-resolution copy of them is ever made."""
+    factors = _repeat_factors(scale, f)
+    if factors is None or torch.is_grad_enabled():
+        size = f.shape[2:]
+        return f * F.interpolate(scale, size=size) + F.interpolate(shift, size=size)
+    (b, c, t, h, w), (kt, kh, kw) = f.shape, factors
+    view = f.view(b, c, t // kt, kt, h // kh, kh, w // kw, kw)
+
+    def lift(x):
+        return x[:, :, :, None, :, None, :, None]
+
+    view.mul_(lift(scale)).add_(lift(shift))
+    return f
 
 
 class SpatialNorm3D(nn.Module):
-    """GroupNorm of f, then scaled and shifted by 1×1×1 convs of the latent zq resized to f's size
-    (the first frame resized on its own when f has an odd frame count > 1, as the causal layout has it)."""
+    """GroupNorm of f, then scaled and shifted by 1×1×1 convs of the latent zq resized (nearest) to
+    f's size, the first frame on its own when f has an odd frame count > 1 (the causal layout).
+    The 1×1×1 convs commute with nearest resizing, so they run at the latent's resolution."""
 
     def __init__(self, channels: int, zq_channels: int, groups: int):
         super().__init__()
@@ -142,12 +165,12 @@ class SpatialNorm3D(nn.Module):
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        if f.shape[2] > 1 and f.shape[2] % 2 == 1:
-            zq = torch.cat([F.interpolate(zq[:, :, :1], size=(1, *f.shape[-2:])),
-                            F.interpolate(zq[:, :, 1:], size=(f.shape[2] - 1, *f.shape[-2:]))], dim=2)
-        else:
-            zq = F.interpolate(zq, size=f.shape[-3:])
-        return ctx.group_norm(self.norm_layer, f) * ctx.conv(self.conv_y, zq) + ctx.conv(self.conv_b, zq)
+        normed = ctx.group_norm(self.norm_layer, f)
+        scale, shift = ctx.conv(self.conv_y, zq), ctx.conv(self.conv_b, zq)
+        if not (f.shape[2] > 1 and f.shape[2] % 2 == 1):
+            return _modulate_(normed, scale, shift)
+        parts = [_modulate_(normed[:, :, t], scale[:, :, t], shift[:, :, t]) for t in (slice(0, 1), slice(1, None))]
+        return torch.cat(parts, dim=2) if torch.is_grad_enabled() else normed
 
 
 class ResnetBlock3D(nn.Module):
@@ -171,9 +194,12 @@ class ResnetBlock3D(nn.Module):
         return ctx.group_norm(norm, x) if zq is None else norm(x, zq, ctx)
 
     def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = ctx.conv(self.conv1, F.silu(self._norm(self.norm1, x, zq, ctx)))
-        h = ctx.conv(self.conv2, F.silu(self._norm(self.norm2, h, zq, ctx)))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+        inplace = not torch.is_grad_enabled()  # inference: activations overwrite the fresh norm outputs
+        h = ctx.conv(self.conv1, F.silu(self._norm(self.norm1, x, zq, ctx), inplace=inplace))
+        h = ctx.conv(self.conv2, F.silu(self._norm(self.norm2, h, zq, ctx), inplace=inplace))
+        shortcut = x if self.conv_shortcut is None else causal_conv3d(x, self.conv_shortcut.weight,
+                                                                      self.conv_shortcut.bias)
+        return h.add_(shortcut) if inplace else h + shortcut
 
 
 class Downsample3D(nn.Module):
@@ -210,12 +236,12 @@ class Upsample3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[2]
         if self.compress_time and t > 1 and t % 2 == 1:
-            x = torch.cat([F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None],
+            x = torch.cat([F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0)),
                            F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2)
         elif self.compress_time and t > 1:
             x = F.interpolate(x, scale_factor=2.0)
         else:
-            x = _per_frame(lambda frames: F.interpolate(frames, scale_factor=2.0), x)
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0))
         return _per_frame(self.conv, x)
 
 
@@ -362,5 +388,21 @@ class CausalVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._check(latents, "latents", self.config.latent_channels, 1)
         ctx = FrameContext()
-        return torch.cat([self.decoder(latents[:, :, start:end], ctx)
-                          for start, end in self._chunks(latents.shape[2], self.decode_latents)], dim=2)
+        chunks = self._chunks(latents.shape[2], self.decode_latents)
+        out = None
+        for start, end in chunks:  # chunk by chunk into one preallocated video: no concatenated copy
+            frames = self.decoder(latents[:, :, start:end], ctx)
+            if out is None:
+                total = sum(self.decoded_frames(e - s) for s, e in chunks)
+                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
+                done = 0
+            out[:, :, done:done + frames.shape[2]] = frames
+            done += frames.shape[2]
+            del frames
+        return out
+
+    def decoded_frames(self, latent_frames: int) -> int:
+        """Video frames the decoder makes of one chunk of latent frames (an odd count keeps its first
+        frame single: 1 + r·(n - 1); an even count: r·n)."""
+        ratio = 2 ** self.config.temporal_levels
+        return 1 + ratio * (latent_frames - 1) if latent_frames % 2 else ratio * latent_frames

@@ -124,9 +124,7 @@ def decode(vae: CausalVAE, latents: torch.Tensor, group=None) -> torch.Tensor:
     counts = latent_counts(latents.shape[2], ctx.world)
     start, end = _slices(counts, lambda n: n, lambda n: n)[ctx.rank]
     frames = vae.decoder(latents[:, :, start:end], ctx)
-    ratio = int(vae.config.temporal_compression_ratio)
-    sizes = [1 + ratio * (n - 1) if r == 0 and n % 2 else ratio * n for r, n in enumerate(counts)]
-    return _gather(frames, sizes, group)
+    return _gather(frames, [vae.decoded_frames(n) for n in counts], group)
 
 
 def encode(vae: CausalVAE, video: torch.Tensor, group=None) -> DiagonalGaussian:

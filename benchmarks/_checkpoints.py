@@ -1,0 +1,35 @@
+"""Random-weight checkpoints for the model benchmarks, written once and reused by every process
+(the memory children only read them)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+FORMAT = 2  # bump when what is written changes: old cache entries are then ignored
+
+
+def cached_folder(name: str, key, build: Callable) -> Path:
+    """$COGVX_BENCH_CACHE (default ~/.cache/cogvx-bench)/<name>-<hash of key>: build()'s
+    `save_pretrained` output, or its state dict as weights.safetensors for a bare module."""
+    from safetensors.torch import save_file
+
+    root = Path(os.environ.get("COGVX_BENCH_CACHE", Path.home() / ".cache" / "cogvx-bench"))
+    digest = hashlib.sha1(json.dumps([FORMAT, key], sort_keys=True).encode()).hexdigest()[:12]
+    folder = root / f"{name}-{digest}"
+    done = folder / "complete"
+    if not done.exists():
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        module = build()
+        if hasattr(module, "save_pretrained"):
+            module.save_pretrained(folder)
+        else:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "weights.safetensors")
+        done.write_text("ok")
+    return folder

@@ -1,0 +1,122 @@
+"""Benchmark of the model layer's 3D causal VAE: encode and decode, cogvx vs diffusers'
+`AutoencoderKLCogVideoX` in the same run, at the real channel config (128/256/256/512, 3 ResNets
+per encoder stage, 4 per decoder stage, random weights), both with diffusers' default frame
+chunking (tiling off), inference.
+
+Models load lazily inside the first call (from a diffusers-format folder saved once under
+$COGVX_BENCH_CACHE, default ~/.cache/cogvx-bench): on the CPU, "peak MiB" is load + first call in a
+fresh process, "warm MiB" a second call: the encode's/decode's own memory (peak RSS during the call
+minus RSS just before it). Interface as in benchmarks/causal_conv3d.py.
+"""
+from __future__ import annotations
+
+import torch
+
+import cogvx
+
+from ._checkpoints import cached_folder
+
+OP = "vae"
+INFERENCE_ONLY = True
+CONFIG = dict(block_out_channels=[128, 256, 256, 512], latent_channels=16, layers_per_block=3, norm_num_groups=32)
+
+# GPU: 49 frames at 480×720 (13 latent frames of 60×90)
+_GPU = [dict(kind="decode", B=1, F=49, H=480, W=720), dict(kind="encode", B=1, F=49, H=480, W=720)]
+# CPU: 17 frames at 128×128 (5 latent frames of 16×16: two decode chunks). NOT the model's size.
+_CPU = [dict(kind="decode", B=1, F=17, H=128, W=128), dict(kind="encode", B=1, F=17, H=128, W=128)]
+_TINY = [dict(kind="decode", B=1, F=5, H=16, W=16, tiny=True), dict(kind="encode", B=1, F=5, H=16, W=16, tiny=True)]
+
+
+def contenders(device, dtype) -> list[str]:
+    try:
+        _diffusers_class()
+    except ImportError:
+        print("   note: diffusers is not importable: the VAE benchmark times cogvx alone")
+        return ["cogvx"]
+    return ["diffusers", "cogvx"]
+
+
+def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
+    if tiny:
+        return list(_TINY)
+    chosen = _GPU if torch.device(device).type == "cuda" else _CPU
+    return chosen[:1] if quick else list(chosen)
+
+
+def shape_set(device, quick: bool, tiny: bool = False) -> str:
+    if tiny:
+        return "tiny (test only; not a performance measurement)"
+    if torch.device(device).type == "cuda":
+        text = "real size: 49 frames at 480x720 (13 latent frames 60x90), real channels, random weights"
+    else:
+        text = "scaled-down CPU set, NOT the model's size: 17 frames at 128x128 (5 latent frames), real channels"
+    return text + (" [quick subset]" if quick else "")
+
+
+def label(shape: dict) -> str:
+    return f"{shape['kind']} {shape['F']}x{shape['H']}x{shape['W']} B{shape['B']}"
+
+
+def config(shape: dict) -> dict:
+    if shape.get("tiny"):
+        return dict(block_out_channels=[32, 32, 64, 64], latent_channels=4, layers_per_block=1, norm_num_groups=8)
+    return dict(CONFIG)
+
+
+def _diffusers_class():
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX
+
+
+def make_inputs(shape: dict, device, dtype: torch.dtype, backward: bool, seed: int = 0) -> dict:
+    if backward:
+        raise ValueError("the VAE benchmark is inference only (no --backward)")
+    s, cfg = shape, config(shape)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = dict(shape=s, config=cfg, device=torch.device(device), dtype=dtype, models={})
+    if s["kind"] == "decode":
+        latent_frames = (s["F"] - 1) // 4 + 1
+        inputs["x"] = torch.randn(s["B"], cfg["latent_channels"], latent_frames, s["H"] // 8, s["W"] // 8,
+                                  generator=gen).to(device=device, dtype=dtype)
+    else:
+        inputs["x"] = (torch.rand(s["B"], 3, s["F"], s["H"], s["W"], generator=gen) * 2 - 1).to(device=device,
+                                                                                                 dtype=dtype)
+    try:
+        inputs["folder"] = cached_folder("vae", cfg, lambda: _diffusers_class()(**cfg))
+    except ImportError:
+        inputs["folder"] = cached_folder("vae", cfg, lambda: cogvx.CausalVAE(cfg))
+    return inputs
+
+
+def _load(backend: str, inputs: dict):
+    if backend not in inputs["models"]:
+        device, dtype = inputs["device"], inputs["dtype"]
+        if backend == "diffusers":
+            model = _diffusers_class().from_pretrained(inputs["folder"], torch_dtype=dtype).to(device)
+        else:
+            model = cogvx.CausalVAE.from_pretrained(inputs["folder"], dtype=dtype, device=device)
+        inputs["models"][backend] = model.eval()
+    return inputs["models"][backend]
+
+
+def forward(backend: str, inputs: dict):
+    model, kind, x = _load(backend, inputs), inputs["shape"]["kind"], inputs["x"]
+    with torch.no_grad():
+        if backend == "diffusers":
+            return model.decode(x).sample if kind == "decode" else model.encode(x).latent_dist.mean
+        return model.decode(x) if kind == "decode" else model.encode(x).mean
+
+
+def forward_backward(backend: str, inputs: dict):
+    raise ValueError("the VAE benchmark is inference only (no --backward)")
+
+
+def flops(shape: dict, backward: bool) -> int:
+    """Not counted (a conv-by-conv tally of the VAE is not worth its upkeep): reported as 0."""
+    return 0
+
+
+def bytes_moved(shape: dict, dtype: torch.dtype, backward: bool) -> int:
+    """The video read or written once (a lower bound)."""
+    return shape["B"] * 3 * shape["F"] * shape["H"] * shape["W"] * torch.empty((), dtype=dtype).element_size()
