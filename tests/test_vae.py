@@ -119,3 +119,29 @@ def test_bad_input_raises_clear_errors(pair, call, arg, message):
 def test_bad_chunking_is_refused(pair):
     with pytest.raises(ValueError, match="chunking must be 'diffusers' or 'whole'"):
         pair[1].set_chunking("tiles")
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_tiling_matches_diffusers(pair, kind):
+    """Same result as diffusers' tiled processing: decode with tiles of 16×24 video pixels (2×3
+    latents) and diffusers' overlaps over a 32×56 frame; encode with 32×32 tiles overlapping by 1/4
+    (so that every tile is a multiple of 8 pixels) over a 48×80 frame."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(5)
+    if kind == "decode":
+        ref.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24)
+        ours.enable_tiling(16, 24)
+    else:
+        ref.enable_tiling(32, 32, 1 / 4, 1 / 4)
+        ours.enable_tiling(32, 32, overlap=1 / 4)
+    try:
+        with torch.no_grad():
+            if kind == "decode":
+                latents = torch.randn(1, 4, 3, 4, 7, generator=g)
+                assert_close(ours.decode(latents), ref.decode(latents).sample, FP32, "tiled decode")
+            else:
+                video = torch.randn(1, 3, 5, 48, 80, generator=g)
+                assert_close(ours.encode(video).mean, ref.encode(video).latent_dist.mean, FP32, "tiled encode")
+    finally:
+        ref.disable_tiling()
+        ours.disable_tiling()

@@ -322,6 +322,47 @@ def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
     return [(0 if i == 0 else size * i + rest, min(size * (i + 1) + rest, frames)) for i in range(count)]
 
 
+def _progress(items, show: bool, what: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, leave=False)
+
+
+def _blend_(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """b's first `extent` slices along dim ramped linearly from a's last ones (in place on b)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return
+    ramp = torch.arange(extent, dtype=torch.float64, device=b.device) / extent
+    shape = [1] * b.dim()
+    shape[dim] = extent
+    into, keep = (1 - ramp).to(b.dtype).reshape(shape), ramp.to(b.dtype).reshape(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * into + head * keep)
+
+
+def _tiled(x: torch.Tensor, run, tile, stride, blend, keep, progress: bool, what: str) -> torch.Tensor:
+    """diffusers' spatial tiling: tiles of `tile` (h, w) input pixels every `stride`, each through
+    `run`; each output tile's top/left `blend` rows/columns ramped from its upper/left neighbour (in
+    row-major order, in place, as diffusers does), and its first `keep` rows/columns kept."""
+    starts = [(i, j) for i in range(0, x.shape[3], stride[0]) for j in range(0, x.shape[4], stride[1])]
+    outs = {}
+    for i, j in _progress(starts, progress, f"{what} tiles"):
+        outs[i, j] = run(x[:, :, :, i:i + tile[0], j:j + tile[1]])
+    rows_i, cols_j = sorted({i for i, _ in starts}), sorted({j for _, j in starts})
+    rows = []
+    for a, i in enumerate(rows_i):
+        for b, j in enumerate(cols_j):
+            if a > 0:
+                _blend_(outs[rows_i[a - 1], j], outs[i, j], blend[0], dim=3)
+            if b > 0:
+                _blend_(outs[i, cols_j[b - 1]], outs[i, j], blend[1], dim=4)
+        rows.append(torch.cat([outs[i, j][:, :, :, :keep[0], :keep[1]] for j in cols_j], dim=4))
+    return torch.cat(rows, dim=3)
+
+
 class CausalVAE(nn.Module):
     """CogVideoX's 3D causal VAE (diffusers' AutoencoderKLCogVideoX layouts: video (B, C, F, H, W)).
 
@@ -338,6 +379,7 @@ class CausalVAE(nn.Module):
         self.encoder = Encoder3D(config)
         self.decoder = Decoder3D(config)
         self.set_chunking(chunking)
+        self.tiling: tuple[int, int, float, float] | None = None
 
     def set_chunking(self, chunking: str, *, encode_frames: int = 8, decode_latents: int = 2) -> "CausalVAE":
         if chunking not in ("diffusers", "whole"):
@@ -374,24 +416,68 @@ class CausalVAE(nn.Module):
         if x.dtype != self.encoder.conv_in.conv.weight.dtype:
             raise ValueError(f"{name} is {x.dtype} but the VAE is {self.encoder.conv_in.conv.weight.dtype}")
 
-    def encode(self, video: torch.Tensor) -> DiagonalGaussian:
+    def enable_tiling(self, tile_height: int | None = None, tile_width: int | None = None,
+                      overlap: float | tuple[float, float] | None = None) -> "CausalVAE":
+        """Process spatial tiles of tile_height × tile_width video pixels (default: half the config's
+        sample size) overlapping by the fraction `overlap` (default 1/6 of the height, 1/5 of the
+        width), blended linearly across the overlap: diffusers' tiling, same numbers. A frame larger
+        than one tile is then encoded/decoded tile by tile, each tile frame-chunk by chunk."""
+        c = self.config
+        fh, fw = (1 / 6, 1 / 5) if overlap is None else (overlap, overlap) if isinstance(overlap, (int, float)) \
+            else overlap
+        height, width = tile_height or c.sample_height // 2, tile_width or c.sample_width // 2
+        if min(height, width) < c.spatial_factor or not (0 <= fh < 1 and 0 <= fw < 1):
+            raise ValueError(f"tiles must be at least {c.spatial_factor} pixels and overlaps in [0, 1); "
+                             f"got {height}×{width}, overlap ({fh}, {fw})")
+        self.tiling = (height, width, fh, fw)
+        return self
+
+    def disable_tiling(self) -> "CausalVAE":
+        self.tiling = None
+        return self
+
+    def encode(self, video: torch.Tensor, *, progress: bool = False) -> DiagonalGaussian:
         self._check(video, "video", self.config.in_channels, self.config.spatial_factor)
         ratio = int(self.config.temporal_compression_ratio)
         if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
             raise ValueError(f"video must have 1 + {ratio}·k frames (causal layout: the first frame alone); "
                              f"got {video.shape[2]}")
-        ctx = FrameContext()
-        moments = [self.encoder(video[:, :, start:end], ctx)
-                   for start, end in self._chunks(video.shape[2], self.encode_frames)]
-        return DiagonalGaussian(torch.cat(moments, dim=2))
+        if self.tiling is not None and (video.shape[3] > self.tiling[0] or video.shape[4] > self.tiling[1]):
+            tile_h, tile_w, fh, fw = self.tiling
+            latent_h, latent_w = tile_h // self.config.spatial_factor, tile_w // self.config.spatial_factor
+            moments = _tiled(video, self._encode_chunks, (tile_h, tile_w),
+                             (int(tile_h * (1 - fh)), int(tile_w * (1 - fw))),
+                             (int(latent_h * fh), int(latent_w * fw)),
+                             (latent_h - int(latent_h * fh), latent_w - int(latent_w * fw)), progress, "encode")
+        else:
+            moments = self._encode_chunks(video, progress)
+        return DiagonalGaussian(moments)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _encode_chunks(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        ctx = FrameContext()
+        chunks = _progress(self._chunks(video.shape[2], self.encode_frames), progress, "encode chunks")
+        return torch.cat([self.encoder(video[:, :, start:end], ctx) for start, end in chunks], dim=2)
+
+    def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+        """Latents (B, C, F', h, w) -> video (B, 3, F, 8h, 8w), chunk by chunk (tile by tile when
+        tiling is on and the frame is larger than a tile); `progress` shows a tqdm bar."""
         self._check(latents, "latents", self.config.latent_channels, 1)
+        if self.tiling is not None:
+            tile_h, tile_w, fh, fw = self.tiling
+            latent_h, latent_w = tile_h // self.config.spatial_factor, tile_w // self.config.spatial_factor
+            if latents.shape[3] > latent_h or latents.shape[4] > latent_w:
+                return _tiled(latents, self._decode_chunks, (latent_h, latent_w),
+                              (int(latent_h * (1 - fh)), int(latent_w * (1 - fw))),
+                              (int(tile_h * fh), int(tile_w * fw)),
+                              (tile_h - int(tile_h * fh), tile_w - int(tile_w * fw)), progress, "decode")
+        return self._decode_chunks(latents, progress)
+
+    def _decode_chunks(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         ctx = FrameContext()
         chunks = self._chunks(latents.shape[2], self.decode_latents)
         out = None
-        for start, end in chunks:  # chunk by chunk into one preallocated video: no concatenated copy
-            frames = self.decoder(latents[:, :, start:end], ctx)
+        for start, end in _progress(chunks, progress, "decode chunks"):
+            frames = self.decoder(latents[:, :, start:end], ctx)  # into one preallocated video: no cat
             if out is None:
                 total = sum(self.decoded_frames(e - s) for s, e in chunks)
                 out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
