@@ -70,9 +70,11 @@ def _listing(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None) -> None:
+def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None,
+                 skip_prefixes: tuple[str, ...] = ()) -> None:
     """Fill a meta-device `model` with the folder's weights, on `device` (default CPU) in `dtype`
-    (default: the checkpoint's floating dtype). Missing, unexpected or misshapen tensors raise,
+    (default: the checkpoint's floating dtype); tensors whose names start with `skip_prefixes` are
+    not read (parts the model was built without). Missing, unexpected or misshapen tensors raise,
     listing the names."""
     device = torch.device(device if device is not None else "cpu")
     expected = model.state_dict()  # meta tensors: names and shapes only
@@ -81,7 +83,8 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                located[key] = path
+                if not key.startswith(skip_prefixes):
+                    located[key] = path
     missing, unexpected = expected.keys() - located.keys(), located.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"the weights in {str(folder)!r} do not match the model: "
@@ -94,6 +97,8 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
+                if key not in located:
+                    continue
                 tensor = f.get_tensor(key)
                 if tensor.shape != expected[key].shape:
                     raise ValueError(f"{key} in {path.name} has shape {tuple(tensor.shape)}; the config implies "

@@ -116,32 +116,82 @@ def test_bad_input_raises_clear_errors(pair, call, arg, message):
         getattr(ours, call)(arg)
 
 
-def test_bad_chunking_is_refused(pair):
+def test_bad_chunking_and_tiling_are_refused(pair):
     with pytest.raises(ValueError, match="chunking must be 'diffusers' or 'whole'"):
         pair[1].set_chunking("tiles")
+    with pytest.raises(ValueError, match="does not step by whole latents"):
+        pair[1].enable_tiling(16, 24)
+    assert pair[1].tiling is None
 
 
 @pytest.mark.parametrize("kind", ["decode", "encode"])
 def test_tiling_matches_diffusers(pair, kind):
-    """Same result as diffusers' tiled processing: decode with tiles of 16×24 video pixels (2×3
-    latents) and diffusers' overlaps over a 32×56 frame; encode with 32×32 tiles overlapping by 1/4
-    (so that every tile is a multiple of 8 pixels) over a 48×80 frame."""
+    """Same result as diffusers' tiled processing: tiles of 48×40 video pixels (6×5 latents) with
+    diffusers' default overlaps (1/6, 1/5) over an 80×96 frame (2 × 3 tiles)."""
     ref, ours = pair
     g = torch.Generator().manual_seed(5)
-    if kind == "decode":
-        ref.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24)
-        ours.enable_tiling(16, 24)
-    else:
-        ref.enable_tiling(32, 32, 1 / 4, 1 / 4)
-        ours.enable_tiling(32, 32, overlap=1 / 4)
+    ref.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40)
+    ours.enable_tiling(48, 40)
     try:
         with torch.no_grad():
             if kind == "decode":
-                latents = torch.randn(1, 4, 3, 4, 7, generator=g)
+                latents = torch.randn(1, 4, 3, 10, 12, generator=g)
                 assert_close(ours.decode(latents), ref.decode(latents).sample, FP32, "tiled decode")
             else:
-                video = torch.randn(1, 3, 5, 48, 80, generator=g)
+                video = torch.randn(1, 3, 5, 80, 96, generator=g)
                 assert_close(ours.encode(video).mean, ref.encode(video).latent_dist.mean, FP32, "tiled encode")
     finally:
         ref.disable_tiling()
         ours.disable_tiling()
+
+
+def test_decode_only_loading_never_reads_the_encoder(pair, tmp_path):
+    ref, ours = pair
+    ref.save_pretrained(tmp_path / "vae")
+    decoder_only = CausalVAE.from_pretrained(tmp_path / "vae", parts=("decoder",))
+    assert decoder_only.encoder is None
+    assert not any(name.startswith("encoder.") for name in decoder_only.state_dict())
+    latents = torch.randn(1, 4, 3, 2, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(decoder_only.decode(latents), ours.decode(latents))
+    with pytest.raises(RuntimeError, match="loaded without its encoder"):
+        decoder_only.encode(torch.randn(1, 3, 5, 16, 16))
+    with pytest.raises(ValueError, match="parts must be a non-empty subset"):
+        CausalVAE.from_pretrained(tmp_path / "vae", parts=("middle",))
+
+
+def border_jumps(video: torch.Tensor, borders: list[int], dim: int, reach: int = 6):
+    """(largest jump between neighbouring pixels across the given borders, largest jump between
+    neighbours within `reach` pixels of them but not across them)."""
+    jumps = video.diff(dim=dim).abs()                        # jumps[k]: between pixels k and k+1
+    at = max(jumps.narrow(dim, b - 1, 1).max().item() for b in borders)
+    near = max(jumps.narrow(dim, k, 1).max().item() for b in borders
+               for k in range(max(b - 1 - reach, 0), min(b - 1 + reach, jumps.shape[dim] - 1) + 1) if k != b - 1)
+    return at, near
+
+
+def test_tiled_decode_of_a_smooth_input_shows_no_seam(pair):
+    """Smooth latents decoded in 48×40-pixel tiles (diffusers' blending): the jumps between
+    neighbouring pixels across tile borders are no larger than those next to the borders (no
+    seam). Reports how far the tiled decode is from the untiled one in the border bands."""
+    _, ours = pair
+    t, h, w = torch.meshgrid(torch.linspace(0, 1, 3), torch.linspace(0, 1, 16), torch.linspace(0, 1, 16),
+                             indexing="ij")
+    latents = torch.stack([torch.sin(2 * t + 3 * h + k) * torch.cos(2 * w - k) for k in range(4)])[None]
+    with torch.no_grad():
+        whole = ours.decode(latents)
+        ours.enable_tiling(48, 40)
+        try:
+            tiled = ours.decode(latents)
+        finally:
+            ours.disable_tiling()
+    assert tiled.shape == whole.shape
+    keep_h, keep_w = 48 - int(48 / 6), 40 - int(40 / 5)       # rows / columns each tile contributes
+    rows = list(range(keep_h, whole.shape[3], keep_h))
+    cols = list(range(keep_w, whole.shape[4], keep_w))
+    for borders, dim in ((rows, 3), (cols, 4)):
+        at, near = border_jumps(tiled, borders, dim)
+        band = torch.cat([(tiled - whole).narrow(dim, b - 4, 8).abs().flatten() for b in borders])
+        print(f"dim {dim}: jump across borders {at:.3g}, next to them {near:.3g}; "
+              f"max |tiled - untiled| within 4 px of a border {band.max().item():.3g}")
+        assert at <= near, (dim, at, near)

@@ -372,12 +372,17 @@ class CausalVAE(nn.Module):
     `scaling_factor` is the pipeline's business, not applied here.
     """
 
-    def __init__(self, config: VAEConfig | dict | None = None, *, chunking: str = "diffusers"):
+    PARTS = ("encoder", "decoder")
+
+    def __init__(self, config: VAEConfig | dict | None = None, *, chunking: str = "diffusers",
+                 parts: tuple[str, ...] = PARTS):
         super().__init__()
         config = VAEConfig() if config is None else VAEConfig.from_dict(config) if isinstance(config, dict) else config
+        if not parts or set(parts) - set(self.PARTS):
+            raise ValueError(f"parts must be a non-empty subset of {self.PARTS}; got {parts}")
         self.config = config
-        self.encoder = Encoder3D(config)
-        self.decoder = Decoder3D(config)
+        self.encoder = Encoder3D(config) if "encoder" in parts else None
+        self.decoder = Decoder3D(config) if "decoder" in parts else None
         self.set_chunking(chunking)
         self.tiling: tuple[int, int, float, float] | None = None
 
@@ -391,14 +396,23 @@ class CausalVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | None = None, device=None,
-                        chunking: str = "diffusers") -> "CausalVAE":
-        """Load a diffusers-format VAE folder (or a pipeline root with vae/); see Transformer3D."""
+                        chunking: str = "diffusers", parts: tuple[str, ...] = PARTS) -> "CausalVAE":
+        """Load a diffusers-format VAE folder (or a pipeline root with vae/); see Transformer3D.
+        parts=("decoder",) reads only the decoder's weights (a decode-only use never holds the encoder)."""
         folder = loading.component_folder(folder, "vae")
         config = VAEConfig.from_dict(loading.read_config(folder, DIFFUSERS_CLASS))
         with torch.device("meta"):
-            model = cls(config, chunking=chunking)
-        loading.load_weights(model, folder, dtype=dtype, device=device)
+            model = cls(config, chunking=chunking, parts=parts)
+        skip = tuple(f"{part}." for part in cls.PARTS if part not in parts)
+        loading.load_weights(model, folder, dtype=dtype, device=device, skip_prefixes=skip)
         return model.eval()
+
+    def _require(self, part: str):
+        module = getattr(self, part)
+        if module is None:
+            raise RuntimeError(f"this CausalVAE was loaded without its {part} (parts=...): it cannot "
+                               f"{'encode' if part == 'encoder' else 'decode'}")
+        return module
 
     def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30) -> None:
         loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size)
@@ -413,8 +427,9 @@ class CausalVAE(nn.Module):
             raise ValueError(f"{name} must have {channels} channels (dim 1 of (B, C, F, H, W)); got {x.shape[1]}")
         if x.shape[3] % multiple or x.shape[4] % multiple:
             raise ValueError(f"{name} height and width must be multiples of {multiple}; got {x.shape[3]}×{x.shape[4]}")
-        if x.dtype != self.encoder.conv_in.conv.weight.dtype:
-            raise ValueError(f"{name} is {x.dtype} but the VAE is {self.encoder.conv_in.conv.weight.dtype}")
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise ValueError(f"{name} is {x.dtype} but the VAE is {dtype}")
 
     def enable_tiling(self, tile_height: int | None = None, tile_width: int | None = None,
                       overlap: float | tuple[float, float] | None = None) -> "CausalVAE":
@@ -429,6 +444,15 @@ class CausalVAE(nn.Module):
         if min(height, width) < c.spatial_factor or not (0 <= fh < 1 and 0 <= fw < 1):
             raise ValueError(f"tiles must be at least {c.spatial_factor} pixels and overlaps in [0, 1); "
                              f"got {height}×{width}, overlap ({fh}, {fw})")
+        f = c.spatial_factor
+        for size, frac in ((height, fh), (width, fw)):
+            latent = size // f
+            # tiles must step by what each keeps, in both directions, or the video grows or shrinks
+            if int(latent * (1 - frac)) * f != size - int(size * frac) or \
+                    int(size * (1 - frac)) != (latent - int(latent * frac)) * f or size % f:
+                raise ValueError(f"tile size {size} with overlap {frac:.4g} does not step by whole latents "
+                                 f"(tile and overlap must be multiples of {f} pixels, e.g. "
+                                 f"{c.sample_height // 2}×{c.sample_width // 2} with (1/6, 1/5))")
         self.tiling = (height, width, fh, fw)
         return self
 
@@ -437,6 +461,7 @@ class CausalVAE(nn.Module):
         return self
 
     def encode(self, video: torch.Tensor, *, progress: bool = False) -> DiagonalGaussian:
+        self._require("encoder")
         self._check(video, "video", self.config.in_channels, self.config.spatial_factor)
         ratio = int(self.config.temporal_compression_ratio)
         if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
@@ -461,6 +486,7 @@ class CausalVAE(nn.Module):
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
         """Latents (B, C, F', h, w) -> video (B, 3, F, 8h, 8w), chunk by chunk (tile by tile when
         tiling is on and the frame is larger than a tile); `progress` shows a tqdm bar."""
+        self._require("decoder")
         self._check(latents, "latents", self.config.latent_channels, 1)
         if self.tiling is not None:
             tile_h, tile_w, fh, fw = self.tiling

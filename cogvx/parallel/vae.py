@@ -119,17 +119,19 @@ def _gather(part: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
 def decode(vae: CausalVAE, latents: torch.Tensor, group=None) -> torch.Tensor:
     """Context-parallel decode of the whole latents (B, C, F', h, w), replicated on every rank; each
     rank decodes its slice and all get the whole video, equal to `vae.decode` with chunking="whole"."""
+    decoder = vae._require("decoder")
     vae._check(latents, "latents", vae.config.latent_channels, 1)
     ctx = ContextParallel(group)
     counts = latent_counts(latents.shape[2], ctx.world)
     start, end = _slices(counts, lambda n: n, lambda n: n)[ctx.rank]
-    frames = vae.decoder(latents[:, :, start:end], ctx)
+    frames = decoder(latents[:, :, start:end], ctx)
     return _gather(frames, [vae.decoded_frames(n) for n in counts], group)
 
 
 def encode(vae: CausalVAE, video: torch.Tensor, group=None) -> DiagonalGaussian:
     """Context-parallel encode of the whole video (B, 3, 1 + 4k, H, W), replicated on every rank;
     equal to `vae.encode` with chunking="whole"."""
+    encoder = vae._require("encoder")
     vae._check(video, "video", vae.config.in_channels, vae.config.spatial_factor)
     ratio = int(vae.config.temporal_compression_ratio)
     if (video.shape[2] - 1) % ratio:
@@ -137,5 +139,5 @@ def encode(vae: CausalVAE, video: torch.Tensor, group=None) -> DiagonalGaussian:
     ctx = ContextParallel(group)
     counts = latent_counts(1 + (video.shape[2] - 1) // ratio, ctx.world)
     start, end = _slices(counts, lambda n: 1 + ratio * (n - 1), lambda n: ratio * n)[ctx.rank]
-    moments = vae.encoder(video[:, :, start:end], ctx)
+    moments = encoder(video[:, :, start:end], ctx)
     return DiagonalGaussian(_gather(moments, counts, group))
