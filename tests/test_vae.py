@@ -109,6 +109,8 @@ def test_save_round_trip_through_diffusers(pair, tmp_path):
     ("encode", torch.randn(1, 3, 5, 16, 16, dtype=torch.float64), "the VAE is torch.float32"),
     ("decode", torch.randn(1, 3, 2, 2, 2), "latents must have 4 channels"),
     ("decode", torch.randn(1, 4, 2, 2), r"latents must be \(batch, channels, frames"),
+    ("decode", torch.full((1, 4, 2, 2, 2), float("nan")), "latents contains NaN or infinite values"),
+    ("encode", torch.full((1, 3, 5, 16, 16), float("inf")), "video contains NaN or infinite values"),
 ])
 def test_bad_input_raises_clear_errors(pair, call, arg, message):
     _, ours = pair
@@ -195,3 +197,21 @@ def test_tiled_decode_of_a_smooth_input_shows_no_seam(pair):
         print(f"dim {dim}: jump across borders {at:.3g}, next to them {near:.3g}; "
               f"max |tiled - untiled| within 4 px of a border {band.max().item():.3g}")
         assert at <= near, (dim, at, near)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_is_as_close_as_diffusers(pair, tmp_path, dtype):
+    """Decode in bf16/fp16: finite, and no further from the fp32 result than diffusers in the same
+    dtype (1.5× its error + 0.5 % of the output scale)."""
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "vae")
+    ours = CausalVAE.from_pretrained(tmp_path / "vae", dtype=dtype)
+    latents = torch.randn(2, 4, 5, 2, 3, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        truth = ref.decode(latents).sample.double()
+        theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae", torch_dtype=dtype).eval()
+        their_err = (theirs.decode(latents.to(dtype)).sample.double() - truth).abs().max().item()
+        actual = ours.decode(latents.to(dtype))
+    assert torch.isfinite(actual).all()
+    our_err = (actual.double() - truth).abs().max().item()
+    assert our_err <= 1.5 * their_err + 5e-3 * truth.abs().max().item(), (our_err, their_err)
