@@ -39,6 +39,8 @@ step benchmarks "$PY" benchmarks/run.py --device cuda --backward --op causal_con
   --op joint_attention --json "$OUT/benchmarks.json" --png "$OUT/benchmarks.png"
 # the model at the real 17,776-token sequence: inference only (a 42-layer backward would not fit), quick repeats
 step transformer_bench "$PY" benchmarks/run.py --device cuda --quick --op transformer --json "$OUT/transformer.json"
+# the VAE at 49x480x720 (decode, encode), bf16: time and CUDA peak memory vs diffusers
+step vae_bench "$PY" benchmarks/run.py --device cuda --op vae --json "$OUT/vae.json"
 
 {
   echo "{"
@@ -46,7 +48,7 @@ step transformer_bench "$PY" benchmarks/run.py --device cuda --quick --op transf
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
   echo "  \"steps\": {"
   first=1
-  for name in build info cuda_tests triton_aot benchmarks transformer_bench; do
+  for name in build info cuda_tests triton_aot benchmarks transformer_bench vae_bench; do
     [ $first = 1 ] || echo ","
     first=0
     printf '    "%s": {"rc": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"
