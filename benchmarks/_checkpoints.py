@@ -1,5 +1,5 @@
-"""Random-weight checkpoints for the model benchmarks, written once and reused by every process
-(the memory children only read them)."""
+"""Shared by the model benchmarks (cogvx vs diffusers): their contenders, and random-weight
+checkpoints written once and reused by every process (the memory children only read them)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,16 @@ from typing import Callable
 
 
 FORMAT = 2  # bump when what is written changes: old cache entries are then ignored
+
+
+def diffusers_contenders(what: str, probe: Callable) -> list[str]:
+    """["diffusers", "cogvx"] (the baseline first), or only cogvx when `probe` cannot import diffusers."""
+    try:
+        probe()
+    except ImportError:
+        print(f"   note: diffusers is not importable: the {what} benchmark times cogvx alone")
+        return ["cogvx"]
+    return ["diffusers", "cogvx"]
 
 
 def cached_folder(name: str, key, build: Callable) -> Path:

@@ -21,7 +21,7 @@ import torch
 import cogvx
 from cogvx.models.transformer import ExpertBlock, TransformerConfig
 
-from ._checkpoints import cached_folder
+from ._checkpoints import cached_folder, diffusers_contenders
 
 OP = "transformer"
 TEXT_LEN, TEXT_DIM, TIME_DIM = 226, 4096, 512
@@ -42,12 +42,7 @@ _TINY = [dict(kind="block", model="tiny", B=1, F=2, H=8, W=12), dict(kind="forwa
 
 
 def contenders(device, dtype) -> list[str]:
-    try:
-        _diffusers_classes()
-    except ImportError:  # e.g. a GPU machine without diffusers: time ours alone, and say so
-        print("   note: diffusers is not importable: the transformer benchmark times cogvx alone")
-        return ["cogvx"]
-    return ["diffusers", "cogvx"]
+    return diffusers_contenders("transformer", _diffusers_classes)
 
 
 def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 
 import cogvx
 
-from ._checkpoints import cached_folder
+from ._checkpoints import cached_folder, diffusers_contenders
 
 OP = "vae"
 INFERENCE_ONLY = True
@@ -28,12 +28,7 @@ _TINY = [dict(kind="decode", B=1, F=5, H=16, W=16, tiny=True), dict(kind="encode
 
 
 def contenders(device, dtype) -> list[str]:
-    try:
-        _diffusers_class()
-    except ImportError:
-        print("   note: diffusers is not importable: the VAE benchmark times cogvx alone")
-        return ["cogvx"]
-    return ["diffusers", "cogvx"]
+    return diffusers_contenders("VAE", _diffusers_class)
 
 
 def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:

@@ -8,6 +8,7 @@ conversion.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,6 +22,32 @@ from torch import nn
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_VERSION = "0.42.0"  # the diffusers version whose format and numerics we follow
+
+
+class DiffusersConfig:
+    """Base of our frozen dataclasses that mirror a diffusers config.json (same keys and defaults):
+    `from_dict` ignores '_'-prefixed metadata and refuses unknown keys; `problems()` lists what the
+    model cannot do with the values (raised at construction)."""
+    MODEL = "model"
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"unsupported {self.MODEL} config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        return []
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"config has keys a CogVideoX {cls.MODEL} does not know: {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def component_folder(folder: str | Path, component: str) -> Path:

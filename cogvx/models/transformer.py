@@ -7,7 +7,6 @@ are (`cogvx.loading`); the numerics follow it operation by operation.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(loading.DiffusersConfig):
     """diffusers' `CogVideoXTransformer3DModel` config (same keys, same defaults: CogVideoX-2B's)."""
     num_attention_heads: int = 30
     attention_head_dim: int = 64
@@ -56,7 +55,9 @@ class TransformerConfig:
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
 
-    def __post_init__(self):
+    MODEL = "transformer"
+
+    def problems(self) -> list[str]:
         problems = []
         if self.activation_fn != "gelu-approximate":
             problems.append(f"activation_fn must be 'gelu-approximate' (CogVideoX's tanh GELU); got {self.activation_fn!r}")
@@ -71,20 +72,8 @@ class TransformerConfig:
                             "the ofs embedding is added to the time embedding")
         if self.attention_head_dim % 8 and self.use_rotary_positional_embeddings:
             problems.append(f"attention_head_dim must be a multiple of 8 for 3D-RoPE; got {self.attention_head_dim}")
-        if problems:
-            raise ValueError("unsupported transformer config: " + "; ".join(problems))
+        return problems
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "TransformerConfig":
-        """From a diffusers config.json dict; '_'-prefixed metadata is ignored, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"config has keys a CogVideoX transformer does not know: {unknown}")
-        return cls(**{k: v for k, v in config.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @property
     def inner_dim(self) -> int:

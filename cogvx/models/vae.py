@@ -11,7 +11,6 @@ ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(loading.DiffusersConfig):
     """diffusers' `AutoencoderKLCogVideoX` config (same keys and defaults)."""
     in_channels: int = 3
     out_channels: int = 3
@@ -53,7 +52,9 @@ class VAEConfig:
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
 
-    def __post_init__(self):
+    MODEL = "VAE"
+
+    def problems(self) -> list[str]:
         problems = []
         if self.act_fn != "silu":
             problems.append(f"act_fn must be 'silu'; got {self.act_fn!r}")
@@ -64,19 +65,8 @@ class VAEConfig:
             problems.append("down_block_types, up_block_types and block_out_channels must have the same length")
         if self.use_quant_conv or self.use_post_quant_conv:
             problems.append("use_quant_conv / use_post_quant_conv are not used by CogVideoX and not supported")
-        if problems:
-            raise ValueError("unsupported VAE config: " + "; ".join(problems))
+        return problems
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "VAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"config has keys a CogVideoX VAE does not know: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @property
     def temporal_levels(self) -> int:  # how many stages halve (encoder) / double (decoder) time
