@@ -1,0 +1,212 @@
+"""CogVideoX's samplers: DDIM (deterministic) and DPM-Solver++ 2M (stochastic), v-prediction over a
+scaled-linear beta schedule with CogVideoX's SNR shift, optional zero-terminal-SNR rescale, trailing
+timesteps. They read diffusers' `scheduler_config.json` and follow `CogVideoXDDIMScheduler` /
+`CogVideoXDPMScheduler` operation by operation (float64 schedule, the same draws from the
+generator in the same order), so a seeded run gives diffusers' numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .loading import DiffusersConfig
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(DiffusersConfig):
+    """diffusers' CogVideoX scheduler config (same keys and defaults)."""
+    MODEL = "scheduler"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple | None = None
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    rescale_betas_zero_snr: bool = False
+    snr_shift_scale: float = 3.0
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.beta_schedule not in ("linear", "scaled_linear") and self.trained_betas is None:
+            problems.append(f"beta_schedule must be 'linear' or 'scaled_linear'; got {self.beta_schedule!r}")
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            problems.append(f"prediction_type must be epsilon, sample or v_prediction; got {self.prediction_type!r}")
+        if self.timestep_spacing not in ("linspace", "leading", "trailing"):
+            problems.append(f"timestep_spacing must be linspace, leading or trailing; got {self.timestep_spacing!r}")
+        return problems
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(ᾱ) so that the last step has zero SNR and the first keeps its value."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    return root ** 2
+
+
+class CogVideoXScheduler:
+    """What DDIM and DPM share: the noise schedule, the timesteps, x0 from the model output, add_noise."""
+
+    CLASS_NAMES: tuple[str, ...] = ()
+
+    def __init__(self, config: SchedulerConfig | dict | None = None):
+        config = SchedulerConfig() if config is None else SchedulerConfig.from_dict(config) if isinstance(
+            config, dict) else config
+        self.config = c = config
+        if c.trained_betas is not None:
+            betas = torch.tensor(c.trained_betas, dtype=torch.float32)
+        elif c.beta_schedule == "linear":
+            betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float32)
+        else:
+            betas = torch.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # CogVideoX's SNR shift: SNR divided by snr_shift_scale at every step
+        alphas_cumprod = alphas_cumprod / (c.snr_shift_scale + (1 - c.snr_shift_scale) * alphas_cumprod)
+        self.alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod) if c.rescale_betas_zero_snr else alphas_cumprod
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        c = self.config
+        if not 0 < num_inference_steps <= c.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {c.num_train_timesteps}]; got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        if c.timestep_spacing == "linspace":
+            steps = np.linspace(0, c.num_train_timesteps - 1, num_inference_steps).round()[::-1].copy().astype(np.int64)
+        elif c.timestep_spacing == "leading":
+            ratio = c.num_train_timesteps // num_inference_steps
+            steps = (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(np.int64) + c.steps_offset
+        else:  # trailing: from the last training step down
+            ratio = c.num_train_timesteps / num_inference_steps
+            steps = np.round(np.arange(c.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+        self.timesteps = torch.from_numpy(steps).to(device)
+
+    def _alphas(self, timestep: int):
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
+        prev = timestep - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        return alpha_prod_t, alpha_prod_prev, prev
+
+    def _original_sample(self, model_output, sample, alpha_prod_t):
+        beta_prod_t = 1 - alpha_prod_t
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
+        if kind == "sample":
+            return model_output
+        return alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output  # v-prediction
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise (video-to-video: noising the encoded video to `strength`)."""
+        alphas = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)[timesteps.to(original.device)]
+        shape = (-1,) + (1,) * (original.dim() - 1)
+        return (alphas ** 0.5).reshape(shape) * original + ((1 - alphas) ** 0.5).reshape(shape) * noise
+
+
+class DDIMScheduler(CogVideoXScheduler):
+    """Deterministic DDIM (eta 0): draws nothing from the generator."""
+
+    CLASS_NAMES = ("CogVideoXDDIMScheduler",)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, **_) -> torch.Tensor:
+        alpha_prod_t, alpha_prod_prev, _ = self._alphas(timestep)
+        original = self._original_sample(model_output, sample, alpha_prod_t)
+        a_t = ((1 - alpha_prod_prev) / (1 - alpha_prod_t)) ** 0.5
+        b_t = alpha_prod_prev ** 0.5 - alpha_prod_t ** 0.5 * a_t
+        return a_t * sample + b_t * original
+
+
+class DPMScheduler(CogVideoXScheduler):
+    """CogVideoX's stochastic DPM-Solver++ (2M): a first-order step, then second-order steps using
+    the previous step's x0 prediction. Its draws from the generator: one on the first and the last
+    step, two on every step between (the first discarded), as diffusers draws them."""
+
+    CLASS_NAMES = ("CogVideoXDPMScheduler",)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.previous_original: torch.Tensor | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        self.previous_original = None
+
+    @staticmethod
+    def _half_log_snr(alpha_prod):
+        return ((alpha_prod / (1 - alpha_prod)) ** 0.5).log()
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, *, timestep_back: int | None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step from `timestep` (timestep_back: the previous, larger timestep; None on the first)."""
+        alpha_prod_t, alpha_prod_prev, prev = self._alphas(timestep)
+        original = self._original_sample(model_output, sample, alpha_prod_t)
+        lamb, lamb_next = self._half_log_snr(alpha_prod_t), self._half_log_snr(alpha_prod_prev)
+        h = lamb_next - lamb
+        mult1 = ((1 - alpha_prod_prev) / (1 - alpha_prod_t)) ** 0.5 * (-h).exp()
+        mult2 = (-2 * h).expm1() * alpha_prod_prev ** 0.5
+        mult_noise = (1 - alpha_prod_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+        noise = _randn(sample, generator)
+        old, self.previous_original = self.previous_original, original
+        if old is None or prev < 0:
+            return mult1 * sample - mult2 * original + mult_noise * noise
+        r = (lamb - self._half_log_snr(self.alphas_cumprod[timestep_back])) / h
+        denoised = (1 + 1 / (2 * r)) * original - 1 / (2 * r) * old
+        noise = _randn(sample, generator)
+        return mult1 * sample - mult2 * denoised + mult_noise * noise
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise shaped like `like`, drawn on the generator's device (as diffusers' randn_tensor)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMScheduler}
+
+
+def load_scheduler(folder: str | Path, kind: str | None = None) -> CogVideoXScheduler:
+    """The scheduler of a folder, of the class its config names, or of `kind` ("ddim" / "dpm") with
+    the folder's schedule settings."""
+    if kind is not None and kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(SCHEDULERS)}")
+    folder = Path(folder)
+    path = folder / "scheduler_config.json"
+    if not path.is_file():
+        path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no scheduler_config.json")
+    config = json.loads(path.read_text())
+    if kind is None:
+        name = config.get("_class_name")
+        matches = [cls for cls in SCHEDULERS.values() if name in cls.CLASS_NAMES]
+        if not matches:
+            raise ValueError(f"{str(path)!r} names scheduler {name!r}; supported: CogVideoXDDIMScheduler, "
+                             "CogVideoXDPMScheduler")
+        return matches[0](config)
+    return SCHEDULERS[kind](config)
+
+
+def dynamic_guidance(guidance_scale: float, timestep: float, num_inference_steps: int) -> float:
+    """CogVideoX's "dynamic CFG" exactly as diffusers computes it, in Python floats (float64):
+    g_t = 1 + g·(1 − cos(π·((S − t)/S)^5))/2, with S the number of steps and t the timestep *value*
+    (0–999), not the step index. For t > S the base (S − t)/S is a large negative number and its
+    fifth power huge, so g_t does not follow a smooth cosine ramp: it lands pseudo-randomly in
+    [1, 1 + g] from step to step (float32 would land elsewhere: this is why float64 matters).
+    Reproduced as is, because seeded runs must equal diffusers'."""
+    return 1 + guidance_scale * ((1 - math.cos(math.pi * ((num_inference_steps - timestep) / num_inference_steps)
+                                                ** 5.0)) / 2)
