@@ -1,0 +1,183 @@
+"""Text-to-video: prompt -> T5 embeddings -> denoising with the expert transformer and a CogVideoX
+scheduler (classifier-free guidance, cond/uncond batched) -> VAE decode -> frames.
+
+`Pipeline.__call__` follows diffusers' `CogVideoXPipeline.__call__` (same arguments, same output
+layouts) and draws random numbers exactly as it does, so a seeded run equals diffusers' for the same
+`torch.Generator`.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import CausalVAE, Transformer3D
+from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
+from .text import TextEncoder
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    """frames: np (B, F, H, W, 3) floats in [0, 1]; pt (B, F, 3, H, W); pil: B lists of F images;
+    latent: (B, F', C, h, w)."""
+    frames: object
+
+
+def _progress(items, show: bool, what: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what)
+
+
+class Pipeline:
+    """CogVideoX text-to-video on our transformer, VAE and schedulers (T5 through transformers)."""
+
+    def __init__(self, transformer: Transformer3D, vae: CausalVAE, text_encoder: TextEncoder, scheduler, *,
+                 scaling_factor: float | None = None, offload_text_encoder: bool = False):
+        self.transformer, self.vae, self.text_encoder, self.scheduler = transformer, vae, text_encoder, scheduler
+        self.scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+        self.offload_text_encoder = offload_text_encoder
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None,
+                        scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
+        """A diffusers-layout folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+        scheduler/. `scheduler` "ddim" / "dpm" overrides the folder's scheduler class (its schedule
+        settings are kept)."""
+        root = Path(root)
+        if not (root / "model_index.json").is_file():
+            raise FileNotFoundError(f"{str(root)!r} is not a CogVideoX pipeline folder (no model_index.json)")
+        index = json.loads((root / "model_index.json").read_text())
+        missing = [part for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if not (root / part).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{str(root)!r} lacks model parts: {', '.join(missing)}")
+        if index.get("_class_name") not in (None, "CogVideoXPipeline", "CogVideoXImageToVideoPipeline",
+                                             "CogVideoXVideoToVideoPipeline"):
+            warnings.warn(f"{root}: model_index.json names {index.get('_class_name')}; loading it as CogVideoX")
+        transformer = Transformer3D.from_pretrained(root / "transformer", dtype=dtype, device=device)
+        vae = CausalVAE.from_pretrained(root / "vae", dtype=dtype, device=device, parts=("decoder",))
+        text_encoder = TextEncoder.from_pretrained(root, dtype=dtype, device=device)
+        return cls(transformer, vae, text_encoder, load_scheduler(root / "scheduler", scheduler),
+                   offload_text_encoder=offload_text_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.proj_out.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.proj_out.weight.dtype
+
+    # -- the steps ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None):
+        """(prompt embeddings, negative prompt embeddings or None), truncation reported as a warning."""
+        for text, cut in zip(prompt, self.text_encoder.truncated(prompt)):
+            if cut:
+                warnings.warn(f"prompt longer than {self.text_encoder.max_length} tokens; dropped: {cut!r}")
+        positive = self.text_encoder.encode(prompt, device=self.device)
+        negative = None if negative_prompt is None else self.text_encoder.encode(negative_prompt, device=self.device)
+        if self.offload_text_encoder:  # T5-XXL is ~9 GB in bf16: off the GPU once the prompts are encoded
+            self.text_encoder.to("cpu")
+        return positive, negative
+
+    def _check(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+               output_type):
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is not None:
+            negative_prompt = [negative_prompt] * len(prompt) if isinstance(negative_prompt, str) else negative_prompt
+            if len(negative_prompt) != len(prompt):
+                raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
+        ratio = int(self.vae.config.temporal_compression_ratio)
+        if num_frames < 1 or (num_frames - 1) % ratio:
+            raise ValueError(f"num_frames must be 1 + {ratio}·k (e.g. 49); got {num_frames}")
+        if height % 16 or width % 16 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 16; got {height}×{width}")
+        if num_inference_steps <= 0:
+            raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
+        if guidance_scale < 1 and negative_prompt is not None and any(negative_prompt):
+            raise ValueError(f"guidance_scale {guidance_scale} < 1 disables guidance: the negative prompt would "
+                             "be ignored")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        return prompt, negative_prompt
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "np", progress: bool = True) -> PipelineOutput:
+        c, spatial = self.transformer.config, self.vae.config.spatial_factor
+        height = height or c.sample_height * spatial
+        width = width or c.sample_width * spatial
+        num_frames = num_frames or c.sample_frames
+        prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width,
+                                              num_inference_steps, guidance_scale, output_type)
+        guided = guidance_scale > 1.0
+        if guided and negative_prompt is None:
+            negative_prompt = [""] * len(prompt)
+        positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None)
+        embeddings = torch.cat([negative, positive]) if guided else positive   # uncond first, as diffusers
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        ratio = int(self.vae.config.temporal_compression_ratio)
+        latent_frames = (num_frames - 1) // ratio + 1
+        pad = (-latent_frames) % c.patch_size_t if c.patch_size_t else 0  # 1.5: whole temporal patches
+        shape = (len(prompt), latent_frames + pad, c.in_channels, height // spatial, width // spatial)
+        if latents is None:  # one draw on the generator's device in the embeddings' dtype: diffusers' draw
+            draw_device = generator.device if generator is not None else self.device
+            latents = torch.randn(shape, generator=generator, device=draw_device, dtype=embeddings.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
+
+        dpm = isinstance(self.scheduler, DPMScheduler)
+        for i, t in enumerate(_progress(timesteps, progress, "denoising")):
+            model_input = torch.cat([latents] * 2) if guided else latents
+            velocity = self.transformer(model_input, embeddings, t.expand(model_input.shape[0])).float()
+            scale = dynamic_guidance(guidance_scale, t.item(), num_inference_steps) if use_dynamic_cfg \
+                else guidance_scale
+            if guided:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + scale * (cond - uncond)
+            if dpm:
+                latents = self.scheduler.step(velocity, t, latents, timestep_back=timesteps[i - 1] if i > 0 else None,
+                                              generator=generator)
+            else:
+                latents = self.scheduler.step(velocity, t, latents)
+            latents = latents.to(embeddings.dtype)
+
+        if output_type == "latent":
+            return PipelineOutput(frames=latents)
+        video = self.decode(latents[:, pad:], progress=progress)
+        return PipelineOutput(frames=postprocess(video, output_type))
+
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1]."""
+        return self.vae.decode((1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4), progress=progress)
+
+
+def postprocess(video: torch.Tensor, output_type: str):
+    """(B, 3, F, H, W) in [-1, 1] -> diffusers' output layouts ((x/2 + 1/2) clamped to [0, 1])."""
+    frames = (video.permute(0, 2, 1, 3, 4) * 0.5 + 0.5).clamp(0, 1)        # (B, F, 3, H, W)
+    if output_type == "pt":
+        return frames
+    array = frames.permute(0, 1, 3, 4, 2).float().cpu().numpy()              # (B, F, H, W, 3)
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [[Image.fromarray(frame) for frame in (clip * 255).round().astype(np.uint8)] for clip in array]

@@ -1,0 +1,46 @@
+"""The T5 text encoder, through `transformers` (its T5EncoderModel and tokenizer, read from local
+folders): prompts -> (B, 226, 4096) embeddings, as CogVideoX's pipeline makes them (padded to the
+maximum length, truncated, `</s>` appended, no attention mask)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+MAX_TOKENS = 226
+
+
+class TextEncoder:
+    def __init__(self, tokenizer, model, max_length: int = MAX_TOKENS):
+        self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None) -> "TextEncoder":
+        """`root/tokenizer` and `root/text_encoder` of a diffusers pipeline folder."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        root = Path(root)
+        for part in ("tokenizer", "text_encoder"):
+            if not (root / part).is_dir():
+                raise FileNotFoundError(f"{str(root)!r} has no {part}/ folder (a CogVideoX pipeline folder has "
+                                        "tokenizer/, text_encoder/, transformer/, vae/, scheduler/)")
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        model = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
+        return cls(tokenizer, model.to(device) if device is not None else model)
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        """The part of each prompt that does not fit in max_length tokens ('' when it fits)."""
+        ids = self.tokenizer(prompts, add_special_tokens=True).input_ids
+        return [self.tokenizer.decode(i[self.max_length - 1:-1]) if len(i) > self.max_length else "" for i in ids]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        model_device = next(self.model.parameters()).device
+        embeddings = self.model(ids.to(model_device))[0]
+        return embeddings.to(dtype=dtype or self.model.dtype, device=device or model_device)
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
