@@ -1,0 +1,83 @@
+"""cogvx.Pipeline against diffusers' CogVideoXPipeline on a tiny random pipeline folder (built by
+cogvx.tiny, loaded by both): same seeded frames with DDIM and DPM, with and without dynamic CFG;
+output types; bad input."""
+import numpy as np
+import pytest
+import torch
+
+from cogvx.pipeline import Pipeline
+from cogvx.tiny import build
+
+diffusers = pytest.importorskip("diffusers")
+
+CALL = dict(num_frames=9, height=64, width=96, num_inference_steps=3)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+def diffusers_pipe(folder, scheduler):
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    cls = diffusers.CogVideoXDDIMScheduler if scheduler == "ddim" else diffusers.CogVideoXDPMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["cfg", "dynamic-cfg"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_seeded_frames_equal_diffusers(folder, scheduler, dynamic):
+    ref = diffusers_pipe(folder, scheduler)
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32, scheduler=scheduler)
+    kwargs = dict(CALL, guidance_scale=6.0, use_dynamic_cfg=dynamic, negative_prompt="blurry")
+    expected = ref(["a red cat walking", "a boat on the sea"], generator=torch.Generator().manual_seed(0),
+                   output_type="np", **kwargs).frames
+    actual = ours(["a red cat walking", "a boat on the sea"], generator=torch.Generator().manual_seed(0),
+                  output_type="np", progress=False, **kwargs).frames
+    assert actual.shape == expected.shape == (2, 9, 64, 96, 3)
+    err = np.abs(actual - expected).max()
+    assert err <= 1e-4, f"max |ours - diffusers| = {err:.3g} (frames in [0, 1])"
+
+
+def test_output_types_and_no_guidance(folder):
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    run = lambda kind, g=1.0: ours("a dog", generator=torch.Generator().manual_seed(1), guidance_scale=g,  # noqa: E731
+                                   output_type=kind, progress=False, **CALL).frames
+    array, tensor, images, latents = run("np"), run("pt"), run("pil"), run("latent")
+    assert array.shape == (1, 9, 64, 96, 3) and array.min() >= 0 and array.max() <= 1
+    assert tensor.shape == (1, 9, 3, 64, 96)
+    np.testing.assert_allclose(tensor.permute(0, 1, 3, 4, 2).numpy(), array)
+    assert len(images) == 1 and len(images[0]) == 9 and images[0][0].size == (96, 64)
+    assert latents.shape == (1, 3, 4, 8, 12)
+    ref = diffusers_pipe(folder, "dpm")
+    expected = ref("a dog", generator=torch.Generator().manual_seed(1), guidance_scale=1.0, output_type="np",
+                   **CALL).frames
+    assert np.abs(array - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_frames=8), r"num_frames must be 1 \+ 4·k"),
+    (dict(height=72), "multiples of 16"),
+    (dict(num_inference_steps=0), "num_inference_steps must be positive"),
+    (dict(guidance_scale=0.5, negative_prompt="ugly"), "guidance_scale 0.5 < 1"),
+    (dict(output_type="gif"), "output_type must be one of"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries for 1 prompts"),
+    (dict(latents=torch.zeros(1, 2, 4, 8, 12)), r"latents must have shape \(1, 3, 4, 8, 12\)"),
+])
+def test_bad_input_raises_clear_errors(folder, change, message):
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        ours("a cat", **{**CALL, "progress": False, **change})
+
+
+def test_long_prompts_warn_and_missing_parts_raise(folder, tmp_path):
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="prompt longer than 226 tokens"):
+        ours("cat " * 300, **{**CALL, "num_inference_steps": 1, "output_type": "latent", "progress": False})
+    with pytest.raises(FileNotFoundError, match="not a CogVideoX pipeline folder"):
+        Pipeline.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="lacks model parts: transformer, vae"):
+        Pipeline.from_pretrained(tmp_path)
