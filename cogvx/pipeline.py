@@ -8,6 +8,7 @@ layouts) and draws random numbers exactly as it does, so a seeded run equals dif
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ class Pipeline:
         self.transformer, self.vae, self.text_encoder, self.scheduler = transformer, vae, text_encoder, scheduler
         self.scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
         self.offload_text_encoder = offload_text_encoder
-
+        self.timings: dict[str, float] = {}  # seconds per phase of the last call
     @classmethod
     def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None,
                         scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
@@ -78,13 +79,15 @@ class Pipeline:
         return self.transformer.proj_out.weight.dtype
 
     # -- the steps ----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None):
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, progress: bool = False):
         """(prompt embeddings, negative prompt embeddings or None), truncation reported as a warning."""
         for text, cut in zip(prompt, self.text_encoder.truncated(prompt)):
             if cut:
                 warnings.warn(f"prompt longer than {self.text_encoder.max_length} tokens; dropped: {cut!r}")
-        positive = self.text_encoder.encode(prompt, device=self.device)
-        negative = None if negative_prompt is None else self.text_encoder.encode(negative_prompt, device=self.device)
+        groups = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+        encoded = [self.text_encoder.encode(texts, device=self.device)
+                   for texts in _progress(groups, progress, "text encoding")]
+        positive, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         if self.offload_text_encoder:  # T5-XXL is ~9 GB in bf16: off the GPU once the prompts are encoded
             self.text_encoder.to("cpu")
         return positive, negative
@@ -128,7 +131,10 @@ class Pipeline:
         guided = guidance_scale > 1.0
         if guided and negative_prompt is None:
             negative_prompt = [""] * len(prompt)
-        positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None)
+        clock = time.perf_counter()
+        positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None, progress)
+        self.timings = {"text": time.perf_counter() - clock}
+        clock = time.perf_counter()
         embeddings = torch.cat([negative, positive]) if guided else positive   # uncond first, as diffusers
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -160,11 +166,15 @@ class Pipeline:
                 latents = self.scheduler.step(velocity, t, latents)
             latents = latents.to(embeddings.dtype)
 
+        self.timings["denoise"] = time.perf_counter() - clock
         if output_type == "latent":
             return PipelineOutput(frames=latents)
-        video = self.decode(latents[:, pad:], progress=progress)
-        return PipelineOutput(frames=postprocess(video, output_type))
+        clock = time.perf_counter()
+        frames = postprocess(self.decode(latents[:, pad:], progress=progress), output_type)
+        self.timings["decode"] = time.perf_counter() - clock
+        return PipelineOutput(frames=frames)
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1]."""
         return self.vae.decode((1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4), progress=progress)
