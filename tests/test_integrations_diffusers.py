@@ -95,3 +95,24 @@ def test_joint_attention_module_matches_diffusers_attention(qk_norm):
     expected = ref(video, text)
     actual = ours(video, text)
     assert_close(actual[0], expected[0], (1e-5, 1e-5), "JointAttention without rope")
+
+
+def test_accelerate_puts_our_kernels_into_a_diffusers_pipeline(tmp_path):
+    """accelerate(pipe): our attention processor and causal conv inside diffusers' CogVideoXPipeline,
+    weights untouched, frames within 1e-4 of the unmodified pipeline (same seed)."""
+    from cogvx.tiny import build
+    from cogvx_kernels.integrations.diffusers import DiffusersCausalConv3d, accelerate
+
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(build(tmp_path / "pipe"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_frames=9, height=64, width=96, num_inference_steps=2, output_type="np")
+    before = {k: v.clone() for k, v in [*pipe.transformer.state_dict().items(), *pipe.vae.state_dict().items()]}
+    expected = pipe("a red cat", generator=torch.Generator().manual_seed(0), **call).frames
+    assert accelerate(pipe) is pipe
+    assert all(isinstance(p, CogVideoXAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    convs = [m for m in pipe.vae.modules() if isinstance(m, DiffusersCausalConv3d)]
+    assert len(convs) > 10 and not any(type(m).__name__ == "CogVideoXCausalConv3d" for m in pipe.vae.modules())
+    after = {**pipe.transformer.state_dict(), **pipe.vae.state_dict()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    actual = pipe("a red cat", generator=torch.Generator().manual_seed(0), **call).frames
+    assert abs(actual - expected).max() <= 1e-4

@@ -1,7 +1,9 @@
-"""Our kernels inside a diffusers CogVideoX transformer.
+"""Our kernels inside diffusers' CogVideoX.
 
-    from cogvx_kernels.integrations.diffusers import CogVideoXAttnProcessor
-    pipe.transformer.set_attn_processor(CogVideoXAttnProcessor())
+    from cogvx_kernels.integrations.diffusers import accelerate
+    accelerate(pipe)            # attention processor in the transformer, causal conv in the VAE
+
+or only the attention: `pipe.transformer.set_attn_processor(CogVideoXAttnProcessor())`.
 
 `CogVideoXAttnProcessor` replaces diffusers' `CogVideoXAttnProcessor2_0`: same projections and
 layout, then the fused per-head q/k LayerNorm + 3D-RoPE kernel and our flash attention.
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import joint_attend
+from ..nn.causal_conv3d import CausalConv3d
 from ..ops.rope3d import qk_norm_rope3d_token_tables
 from ..reference.rope3d import rotate
 
@@ -73,3 +76,44 @@ class CogVideoXAttnProcessor:
                 k = torch.cat([k[:, :, :text_len], rotate(k[:, :, text_len:], cos, sin).to(k.dtype)], dim=2)
             return q, k
         return transform
+
+
+class DiffusersCausalConv3d(CausalConv3d):
+    """Our causal conv behind diffusers' `CogVideoXCausalConv3d` interface (`conv_cache=` keyword),
+    holding the very same nn.Conv3d (its parameters are not copied)."""
+
+    def __init__(self, conv: nn.Conv3d, backend: str | None = None):
+        with torch.device("meta"):  # the placeholder parameters are replaced by `conv` at once
+            super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None,
+                             backend=backend)
+        self.conv = conv
+
+    def forward(self, inputs: torch.Tensor, conv_cache: torch.Tensor | None = None):
+        return super().forward(inputs, conv_cache)
+
+
+def _swap_causal_convs(module: nn.Module, backend: str | None) -> int:
+    """Replace every CogVideoXCausalConv3d inside `module` (zero-padded, stride 1: all of CogVideoX's)."""
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "CogVideoXCausalConv3d" and child.pad_mode != "replicate" \
+                and tuple(child.conv.stride) == (1, 1, 1) and tuple(child.conv.dilation) == (1, 1, 1):
+            setattr(module, name, DiffusersCausalConv3d(child.conv, backend))
+            swapped += 1
+        else:
+            swapped += _swap_causal_convs(child, backend)
+    return swapped
+
+
+def accelerate(pipe, *, backend: str | None = None):
+    """Put cogvx kernels into a diffusers CogVideoX pipeline (CogVideoXPipeline, ...ImageToVideo,
+    ...VideoToVideo) in place, without touching weights: our attention processor (fused q/k
+    LayerNorm + 3D-RoPE, flash attention) in its transformer and our causal conv in its VAE.
+    Returns the pipeline."""
+    transformer, vae = getattr(pipe, "transformer", None), getattr(pipe, "vae", None)
+    if transformer is None or not hasattr(transformer, "set_attn_processor"):
+        raise ValueError("accelerate(pipe) expects a diffusers CogVideoX pipeline with a transformer")
+    transformer.set_attn_processor(CogVideoXAttnProcessor(backend=backend))
+    if vae is not None:
+        _swap_causal_convs(vae, backend)
+    return pipe
