@@ -47,6 +47,7 @@ class Pipeline:
         self.scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
         self.offload_text_encoder = offload_text_encoder
         self.timings: dict[str, float] = {}  # seconds per phase of the last call
+        self._vae_folder: Path | None = None  # where the encoder loads from when first needed
     @classmethod
     def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None,
                         scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
@@ -67,8 +68,10 @@ class Pipeline:
         transformer = Transformer3D.from_pretrained(root / "transformer", dtype=dtype, device=device)
         vae = CausalVAE.from_pretrained(root / "vae", dtype=dtype, device=device, parts=("decoder",))
         text_encoder = TextEncoder.from_pretrained(root, dtype=dtype, device=device)
-        return cls(transformer, vae, text_encoder, load_scheduler(root / "scheduler", scheduler),
+        pipe = cls(transformer, vae, text_encoder, load_scheduler(root / "scheduler", scheduler),
                    offload_text_encoder=offload_text_encoder)
+        pipe._vae_folder = root / "vae"
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -121,10 +124,25 @@ class Pipeline:
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "np", progress: bool = True) -> PipelineOutput:
+                 output_type: str = "np", image=None, video=None, strength: float = 0.8,
+                 progress: bool = True) -> PipelineOutput:
+        """Text-to-video; image-to-video with `image` (an I2V checkpoint: the image's latent conditions
+        every step); video-to-video with `video` (a list of frames noised to `strength`, then denoised)."""
         c, spatial = self.transformer.config, self.vae.config.spatial_factor
         height = height or c.sample_height * spatial
         width = width or c.sample_width * spatial
+        if image is not None and video is not None:
+            raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
+        i2v = c.in_channels == 2 * self.vae.config.latent_channels
+        if image is not None and not i2v:
+            raise ValueError("image-to-video needs an I2V checkpoint (transformer in_channels = 2 × latent channels)")
+        if image is None and i2v:
+            raise ValueError("this is an image-to-video checkpoint: pass image=")
+        if video is not None:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1]; got {strength}")
+            video = preprocess(video, height, width).to(self.device, self.dtype)       # (B=1, 3, F, H, W)
+            num_frames = video.shape[2]
         num_frames = num_frames or c.sample_frames
         prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width,
                                               num_inference_steps, guidance_scale, output_type)
@@ -136,24 +154,36 @@ class Pipeline:
         self.timings = {"text": time.perf_counter() - clock}
         clock = time.perf_counter()
         embeddings = torch.cat([negative, positive]) if guided else positive   # uncond first, as diffusers
+        dtype, batch = embeddings.dtype, len(prompt)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
+        if video is not None:  # start part-way: the last `strength` of the schedule
+            start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps, num_inference_steps = timesteps[start:], num_inference_steps - start
         ratio = int(self.vae.config.temporal_compression_ratio)
         latent_frames = (num_frames - 1) // ratio + 1
-        pad = (-latent_frames) % c.patch_size_t if c.patch_size_t else 0  # 1.5: whole temporal patches
-        shape = (len(prompt), latent_frames + pad, c.in_channels, height // spatial, width // spatial)
-        if latents is None:  # one draw on the generator's device in the embeddings' dtype: diffusers' draw
-            draw_device = generator.device if generator is not None else self.device
-            latents = torch.randn(shape, generator=generator, device=draw_device, dtype=embeddings.dtype)
+        pad = (-latent_frames) % c.patch_size_t if c.patch_size_t else 0  # 1.5: whole temporal patches, at the front
+        channels = self.vae.config.latent_channels
+        shape = (batch, latent_frames + pad, channels, height // spatial, width // spatial)
+        # random numbers in diffusers' order: posterior samples of the image/video first, then the noise
+        condition = self._image_latents(image, batch, shape, generator) if image is not None else None
+        clean = self._encode(video, batch, generator) if video is not None else None
+        if latents is None:
+            latents = _randn(shape, generator, self.device, dtype)
+            if clean is not None:
+                latents = self.scheduler.add_noise(clean.to(dtype), latents, timesteps[:1].repeat(batch))
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
         latents = latents.to(self.device) * self.scheduler.init_noise_sigma
+        ofs = latents.new_full((1,), 2.0) if c.ofs_embed_dim else None
 
         dpm = isinstance(self.scheduler, DPMScheduler)
         for i, t in enumerate(_progress(timesteps, progress, "denoising")):
             model_input = torch.cat([latents] * 2) if guided else latents
-            velocity = self.transformer(model_input, embeddings, t.expand(model_input.shape[0])).float()
+            if condition is not None:
+                model_input = torch.cat([model_input, torch.cat([condition] * 2) if guided else condition], dim=2)
+            velocity = self.transformer(model_input, embeddings, t.expand(model_input.shape[0]), ofs=ofs).float()
             scale = dynamic_guidance(guidance_scale, t.item(), num_inference_steps) if use_dynamic_cfg \
                 else guidance_scale
             if guided:
@@ -164,7 +194,7 @@ class Pipeline:
                                               generator=generator)
             else:
                 latents = self.scheduler.step(velocity, t, latents)
-            latents = latents.to(embeddings.dtype)
+            latents = latents.to(dtype)
 
         self.timings["denoise"] = time.perf_counter() - clock
         if output_type == "latent":
@@ -174,10 +204,67 @@ class Pipeline:
         self.timings["decode"] = time.perf_counter() - clock
         return PipelineOutput(frames=frames)
 
+    def _encoder(self) -> CausalVAE:
+        """The VAE's encoder, loaded on first use (text-to-video never needs it)."""
+        if self.vae.encoder is None:
+            if self._vae_folder is None:
+                raise RuntimeError("this pipeline's VAE has no encoder and no folder to load it from")
+            self._encoder_vae = getattr(self, "_encoder_vae", None) or CausalVAE.from_pretrained(
+                self._vae_folder, dtype=self.dtype, device=self.device, parts=("encoder",))
+            return self._encoder_vae
+        return self.vae
+
+    def _encode(self, video: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """The scaled posterior sample (1, F', C, h, w) of a (1, 3, F, H, W) video: one draw, shared by
+        all prompts (diffusers draws once per input video)."""
+        sample = self._encoder().encode(video).sample(generator)
+        return self.scaling_factor * sample.to(self.dtype).permute(0, 2, 1, 3, 4)
+
+    def _image_latents(self, image, batch: int, shape: tuple, generator) -> torch.Tensor:
+        """The I2V condition: the image's scaled posterior sample as the first latent frame, zeros after
+        (divided by the scaling factor instead when the VAE's config says invert_scale_latents)."""
+        height, width = shape[3] * self.vae.config.spatial_factor, shape[4] * self.vae.config.spatial_factor
+        frame = preprocess([image], height, width).to(self.device, self.dtype)           # (1, 3, 1, H, W)
+        first = self._encoder().encode(frame).sample(generator).to(self.dtype)   # one draw, as diffusers
+        first = first.permute(0, 2, 1, 3, 4).expand(batch, -1, -1, -1, -1)
+        first = (1 / self.scaling_factor) * first if self.vae.config.invert_scale_latents else self.scaling_factor * first
+        zeros = torch.zeros((batch, shape[1] - 1, *shape[2:]), device=self.device, dtype=self.dtype)
+        return torch.cat([first, zeros], dim=1)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1]."""
         return self.vae.decode((1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4), progress=progress)
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    """One draw on the generator's device, then moved (diffusers' randn_tensor)."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def preprocess(frames, height: int, width: int) -> torch.Tensor:
+    """Frames (PIL images, or (H, W, 3) uint8 arrays, or file paths) -> (1, 3, F, H, W) in [-1, 1],
+    resized with Lanczos when their size differs, as diffusers' VideoProcessor does."""
+    from PIL import Image
+
+    arrays = []
+    for frame in frames:
+        if isinstance(frame, (str, Path)):
+            try:
+                frame = Image.open(frame)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read image {frame}: {exc}") from None
+        if isinstance(frame, np.ndarray):
+            frame = Image.fromarray(frame)
+        if not isinstance(frame, Image.Image):
+            raise ValueError(f"frames must be PIL images, uint8 arrays or paths; got {type(frame).__name__}")
+        frame = frame.convert("RGB")
+        if frame.size != (width, height):
+            frame = frame.resize((width, height), Image.LANCZOS)
+        arrays.append(np.array(frame).astype(np.float32) / 255.0)
+    video = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)[None]          # (1, 3, F, H, W)
+    return 2.0 * video - 1.0
 
 
 def postprocess(video: torch.Tensor, output_type: str):

@@ -59,12 +59,22 @@ def _text_encoder(folder: Path, vocab_size: int) -> None:
     T5EncoderModel(config).save_pretrained(folder)
 
 
-def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMScheduler") -> Path:
+# image-to-video variants: the latent of the image enters on the channels (in_channels doubled);
+# 5B-I2V adds a learned position table, 1.5-I2V temporal patches, the ofs embedding and inverted scaling
+VARIANTS = {
+    "t2v": (dict(), dict()),
+    "i2v": (dict(in_channels=8, use_learned_positional_embeddings=True), dict()),
+    "i2v-1.5": (dict(in_channels=8, patch_size_t=2, ofs_embed_dim=32), dict(invert_scale_latents=True)),
+}
+
+
+def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMScheduler", variant: str = "t2v") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    Transformer3D(TRANSFORMER).save_pretrained(folder / "transformer")
-    vae = CausalVAE(VAE)
+    transformer_changes, vae_changes = VARIANTS[variant]
+    Transformer3D({**TRANSFORMER, **transformer_changes}).save_pretrained(folder / "transformer")
+    vae = CausalVAE({**VAE, **vae_changes})
     with torch.no_grad():  # random GroupNorm affines: a little more structure than ones and zeros
         for name, p in vae.named_parameters():
             if "norm" in name and p.dim() == 1:
@@ -75,7 +85,7 @@ def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMSc
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION, **SCHEDULER}, indent=2))
-    index = {"_class_name": "CogVideoXPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+    index = {"_class_name": "CogVideoXPipeline" if variant == "t2v" else "CogVideoXImageToVideoPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", scheduler], "text_encoder": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
              "transformer": ["diffusers", "CogVideoXTransformer3DModel"],

@@ -81,3 +81,46 @@ def test_long_prompts_warn_and_missing_parts_raise(folder, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="lacks model parts: transformer, vae"):
         Pipeline.from_pretrained(tmp_path)
+
+
+def frames_of(seed, count, height=64, width=96):
+    """Smooth random RGB frames (PIL), the kind of input image/video users pass."""
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    base = g.random((count, height // 8, width // 8, 3))
+    return [Image.fromarray((np.kron(f, np.ones((8, 8, 1))) * 255).astype(np.uint8)) for f in base]
+
+
+@pytest.mark.parametrize("variant", ["i2v", "i2v-1.5"])
+def test_image_to_video_equals_diffusers(tmp_path, variant):
+    folder = build(tmp_path / variant, variant=variant)
+    ref = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    image = frames_of(0, 1)[0]
+    kwargs = dict(CALL, guidance_scale=6.0, output_type="np")
+    expected = ref(image=image, prompt="a cat", generator=torch.Generator().manual_seed(2), **kwargs).frames
+    actual = ours("a cat", image=image, generator=torch.Generator().manual_seed(2), progress=False, **kwargs).frames
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-4
+    with pytest.raises(ValueError, match="image-to-video checkpoint: pass image="):
+        ours("a cat", **CALL)
+
+
+@pytest.mark.parametrize("prompts", [1, 2])
+def test_video_to_video_equals_diffusers(folder, prompts):
+    ref = diffusers.CogVideoXVideoToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    video = frames_of(1, 9)
+    prompt = ["a dog running", "a boat"][:prompts]
+    kwargs = dict(height=64, width=96, num_inference_steps=4, strength=0.6, guidance_scale=6.0, output_type="np")
+    expected = ref(video=video, prompt=prompt, generator=torch.Generator().manual_seed(3), **kwargs).frames
+    actual = ours(prompt, video=video, generator=torch.Generator().manual_seed(3), progress=False, **kwargs).frames
+    assert actual.shape == expected.shape == (prompts, 9, 64, 96, 3)
+    assert np.abs(actual - expected).max() <= 1e-4
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        ours("a dog", video=video, strength=0.0, **CALL)
+    with pytest.raises(ValueError, match="needs an I2V checkpoint"):
+        ours("a dog", image=video[0], **CALL)
