@@ -95,7 +95,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm", "transformers", "imageio-ffmpeg", "pillow"],
+    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm", "transformers", "imageio", "imageio-ffmpeg", "pillow"],
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "diffusers==0.42.0", "transformers"]},
     entry_points={"console_scripts": ["cogvx=cogvx.cli:main"]},
 )

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help='torch.Generator("cpu").manual_seed(N)')
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    g.add_argument("--image", type=Path, default=None, help="image-to-video (an I2V model): the first frame")
+    g.add_argument("--video", type=Path, default=None, help="video-to-video: the video to transform")
+    g.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of it is re-noised")
     g.add_argument("--fps", type=int, default=8)
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
@@ -100,6 +103,28 @@ def write_video(frames, out: Path, fps: int) -> None:
         raise
 
 
+def _read_image(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from None
+
+
+def _read_video(path: Path) -> list:
+    try:
+        import imageio.v3 as iio
+
+        frames = iio.imread(path)
+    except Exception as exc:  # imageio raises many types for unreadable files
+        raise UsageError(f"cannot read video {path}: {exc}") from None
+    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        raise UsageError(f"cannot read video {path}: expected RGB frames, got an array of shape {frames.shape}")
+    return [frame[..., :3] for frame in frames]
+
+
 def generate(args) -> int:
     import torch
 
@@ -124,12 +149,18 @@ def generate(args) -> int:
         raise UsageError(str(exc)) from None
     load = time.perf_counter() - start
     generator = torch.Generator("cpu").manual_seed(args.seed) if args.seed is not None else None
+    conditions = {}
+    if args.image is not None:
+        conditions["image"] = _read_image(args.image)
+    if args.video is not None:
+        conditions.update(video=_read_video(args.video), strength=args.strength)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             frames = pipe(args.prompt, args.negative_prompt, num_frames=args.frames, height=args.height,
                           width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          use_dynamic_cfg=args.dynamic_cfg, generator=generator, output_type="np").frames[0]
+                          use_dynamic_cfg=args.dynamic_cfg, generator=generator, output_type="np",
+                          **conditions).frames[0]
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     except ValueError as exc:

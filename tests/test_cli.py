@@ -45,11 +45,15 @@ def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(
     assert err < 0.5 * np.abs(other - expected).mean(), err
 
 
-def test_png_frames_and_gif(tmp_path):
+def test_png_frames_gif_and_video_to_video(tmp_path):
     assert cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "frames")).returncode == 0
     assert len(list((tmp_path / "frames").glob("frame_*.png"))) == 9
     assert cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "dog.gif")).returncode == 0
     assert (tmp_path / "dog.gif").read_bytes()[:6] == b"GIF89a"
+    r = cogvx("generate", "--prompt", "a dog running", "--video", str(tmp_path / "dog.gif"), "--strength", "0.5",
+              "--steps", "2", "--height", "32", "--width", "48", "--out", str(tmp_path / "v2v.mp4"))
+    assert r.returncode == 0, r.stderr
+    assert "9 frames" in r.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -60,6 +64,9 @@ def test_png_frames_and_gif(tmp_path):
     (["--model", "/nonexistent"], "is not a CogVideoX pipeline folder"),
     (["--out", "/nonexistent/dir/out.mp4"], "cannot write to /nonexistent/dir"),
     (["--out", "video.avi"], "--out must end in .mp4 or .gif"),
+    (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
+    (["--video", "/nonexistent.mp4"], "cannot read video /nonexistent.mp4"),
+    (["--image", "/etc/hostname"], "cannot read image /etc/hostname"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = cogvx("generate", "--prompt", "a cat", *FAST, *args, cwd=tmp_path)
