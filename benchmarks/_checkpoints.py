@@ -22,11 +22,9 @@ def diffusers_contenders(what: str, probe: Callable) -> list[str]:
     return ["diffusers", "cogvx"]
 
 
-def cached_folder(name: str, key, build: Callable) -> Path:
-    """$COGVX_BENCH_CACHE (default ~/.cache/cogvx-bench)/<name>-<hash of key>: build()'s
-    `save_pretrained` output, or its state dict as weights.safetensors for a bare module."""
-    from safetensors.torch import save_file
-
+def cached_folder(name: str, key, write: Callable[[Path], None]) -> Path:
+    """$COGVX_BENCH_CACHE (default ~/.cache/cogvx-bench)/<name>-<hash of key>, filled once by
+    write(folder) with the random generator seeded to 0."""
     root = Path(os.environ.get("COGVX_BENCH_CACHE", Path.home() / ".cache" / "cogvx-bench"))
     digest = hashlib.sha1(json.dumps([FORMAT, key], sort_keys=True).encode()).hexdigest()[:12]
     folder = root / f"{name}-{digest}"
@@ -36,10 +34,16 @@ def cached_folder(name: str, key, build: Callable) -> Path:
 
         folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        module = build()
-        if hasattr(module, "save_pretrained"):
-            module.save_pretrained(folder)
-        else:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "weights.safetensors")
+        write(folder)
         done.write_text("ok")
     return folder
+
+
+def save_module(module, folder: Path) -> None:
+    """A model's save_pretrained, or a bare module's state dict as weights.safetensors."""
+    from safetensors.torch import save_file
+
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(folder)
+    else:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "weights.safetensors")

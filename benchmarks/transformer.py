@@ -21,7 +21,7 @@ import torch
 import cogvx
 from cogvx.models.transformer import ExpertBlock, TransformerConfig
 
-from ._checkpoints import cached_folder, diffusers_contenders
+from ._checkpoints import cached_folder, diffusers_contenders, save_module
 
 OP = "transformer"
 TEXT_LEN, TEXT_DIM, TIME_DIM = 226, 4096, 512
@@ -150,7 +150,8 @@ def _diffusers_module(s: dict, cfg: dict):
 
 def _checkpoint(s: dict, cfg: dict) -> Path:
     """Random weights (seed 0) in diffusers' format: a model folder, or weights.safetensors for a block."""
-    return cached_folder(f"transformer-{s['kind']}-{s['model']}", [s["kind"], cfg], lambda: _diffusers_module(s, cfg))
+    return cached_folder(f"transformer-{s['kind']}-{s['model']}", [s["kind"], cfg],
+                         lambda folder: save_module(_diffusers_module(s, cfg), folder))
 
 
 def _load(backend: str, inputs: dict):

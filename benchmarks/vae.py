@@ -14,7 +14,7 @@ import torch
 
 import cogvx
 
-from ._checkpoints import cached_folder, diffusers_contenders
+from ._checkpoints import cached_folder, diffusers_contenders, save_module
 
 OP = "vae"
 INFERENCE_ONLY = True
@@ -78,9 +78,11 @@ def make_inputs(shape: dict, device, dtype: torch.dtype, backward: bool, seed: i
         inputs["x"] = (torch.rand(s["B"], 3, s["F"], s["H"], s["W"], generator=gen) * 2 - 1).to(device=device,
                                                                                                  dtype=dtype)
     try:
-        inputs["folder"] = cached_folder("vae", cfg, lambda: _diffusers_class()(**cfg))
+        build = _diffusers_class()
     except ImportError:
-        inputs["folder"] = cached_folder("vae", cfg, lambda: cogvx.CausalVAE(cfg))
+        build = cogvx.CausalVAE
+    inputs["folder"] = cached_folder("vae", cfg, lambda folder: save_module(build(**cfg) if build is not cogvx.CausalVAE
+                                                                            else build(cfg), folder))
     return inputs
 
 

@@ -99,11 +99,11 @@ class Pipeline:
                output_type):
         if isinstance(prompt, str):
             prompt = [prompt]
-        if not prompt or not all(isinstance(p, str) for p in prompt):
+        if prompt is not None and (not prompt or not all(isinstance(p, str) for p in prompt)):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if negative_prompt is not None:
             negative_prompt = [negative_prompt] * len(prompt) if isinstance(negative_prompt, str) else negative_prompt
-            if len(negative_prompt) != len(prompt):
+            if prompt is not None and len(negative_prompt) != len(prompt):
                 raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
         ratio = int(self.vae.config.temporal_compression_ratio)
         if num_frames < 1 or (num_frames - 1) % ratio:
@@ -125,9 +125,13 @@ class Pipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "np", image=None, video=None, strength: float = 0.8,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  progress: bool = True) -> PipelineOutput:
         """Text-to-video; image-to-video with `image` (an I2V checkpoint: the image's latent conditions
-        every step); video-to-video with `video` (a list of frames noised to `strength`, then denoised)."""
+        every step); video-to-video with `video` (a list of frames noised to `strength`, then denoised).
+        `prompt_embeds` / `negative_prompt_embeds` (B, 226, text dim) replace the prompts' encoding."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds")
         c, spatial = self.transformer.config, self.vae.config.spatial_factor
         height = height or c.sample_height * spatial
         width = width or c.sample_width * spatial
@@ -147,14 +151,19 @@ class Pipeline:
         prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width,
                                               num_inference_steps, guidance_scale, output_type)
         guided = guidance_scale > 1.0
-        if guided and negative_prompt is None:
-            negative_prompt = [""] * len(prompt)
         clock = time.perf_counter()
-        positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None, progress)
+        if prompt_embeds is None:
+            if guided and negative_prompt is None:
+                negative_prompt = [""] * len(prompt)
+            positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None, progress)
+        else:
+            positive, negative = prompt_embeds.to(self.device), negative_prompt_embeds
+            if guided and negative is None:
+                negative = self.encode_prompt([""] * len(positive), None)[0]
         self.timings = {"text": time.perf_counter() - clock}
         clock = time.perf_counter()
-        embeddings = torch.cat([negative, positive]) if guided else positive   # uncond first, as diffusers
-        dtype, batch = embeddings.dtype, len(prompt)
+        embeddings = torch.cat([negative.to(positive), positive]) if guided else positive  # uncond first, as diffusers
+        dtype, batch = embeddings.dtype, len(positive)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps

@@ -51,10 +51,10 @@ def _tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def _text_encoder(folder: Path, vocab_size: int) -> None:
+def _text_encoder(folder: Path, vocab_size: int, width: int) -> None:
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
                       relative_attention_num_buckets=8, dropout_rate=0.0)
     T5EncoderModel(config).save_pretrained(folder)
 
@@ -68,20 +68,24 @@ VARIANTS = {
 }
 
 
-def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMScheduler", variant: str = "t2v") -> Path:
+def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMScheduler", variant: str = "t2v",
+          transformer: dict | None = None, vae: dict | None = None) -> Path:
+    """Write the pipeline folder; `transformer` / `vae` override config entries (e.g. real widths
+    for a benchmark: the text encoder's width follows the transformer's text_embed_dim)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     transformer_changes, vae_changes = VARIANTS[variant]
-    Transformer3D({**TRANSFORMER, **transformer_changes}).save_pretrained(folder / "transformer")
-    vae = CausalVAE({**VAE, **vae_changes})
+    transformer_config = {**TRANSFORMER, **transformer_changes, **(transformer or {})}
+    Transformer3D(transformer_config).save_pretrained(folder / "transformer")
+    vae = CausalVAE({**VAE, **vae_changes, **(vae or {})})
     with torch.no_grad():  # random GroupNorm affines: a little more structure than ones and zeros
         for name, p in vae.named_parameters():
             if "norm" in name and p.dim() == 1:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     vae.save_pretrained(folder / "vae")
     _tokenizer(folder / "tokenizer")
-    _text_encoder(folder / "text_encoder", len(WORDS) + 3)
+    _text_encoder(folder / "text_encoder", len(WORDS) + 3, transformer_config["text_embed_dim"])
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION, **SCHEDULER}, indent=2))

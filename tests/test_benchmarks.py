@@ -75,21 +75,24 @@ def test_table_and_png(tiny_run):
 
 
 @pytest.mark.slow
-def test_transformer_benchmark_runs_ours_against_diffusers(tmp_path):
-    """The model benchmark: its contenders (diffusers first, the baseline) timed in one run, the same
-    outputs, and a memory figure per contender from a child process that loads and runs the model."""
+def test_model_benchmarks_run_ours_against_diffusers(tmp_path):
+    """The model benchmarks (transformer, VAE, pipeline): their contenders (diffusers first, the
+    baseline) timed in one run, the same outputs, and a memory figure per contender from a child
+    process that loads and runs the model."""
     pytest.importorskip("diffusers")
     json_path = tmp_path / "t.json"
-    cmd = [sys.executable, RUN, "--quick", "--tiny", "--device", "cpu", "--op", "transformer", "--json", str(json_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    cmd = [sys.executable, RUN, "--quick", "--tiny", "--device", "cpu", "--op", "transformer", "--op", "vae",
+           "--op", "pipeline", "--json", str(json_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                        env={**os.environ, "COGVX_BENCH_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(json_path.read_text())["rows"]
-    assert {(row["shape"]["kind"], row["backend"]) for row in rows} == {
-        (kind, who) for kind in ("block", "forward") for who in ("diffusers", "cogvx")}
+    kinds = {"transformer": ("block", "forward"), "vae": ("decode", "encode"), "pipeline": (None,)}
+    assert {(row["op"], row["shape"].get("kind"), row["backend"]) for row in rows} == {
+        (op, kind, who) for op, ks in kinds.items() for kind in ks for who in ("diffusers", "cogvx")}
     for row in rows:
         assert row["baseline"] == "diffusers" and row["speedup_vs_baseline"] > 0
-        assert row["max_abs_diff_vs_baseline"] < 1e-4
+        assert row["max_abs_diff_vs_baseline"] < 1e-4, row
         assert row["peak_mem_mib"] is not None and row["peak_mem_mib"] > 0
 
 

@@ -124,3 +124,15 @@ def test_video_to_video_equals_diffusers(folder, prompts):
         ours("a dog", video=video, strength=0.0, **CALL)
     with pytest.raises(ValueError, match="needs an I2V checkpoint"):
         ours("a dog", image=video[0], **CALL)
+
+
+def test_prompt_embeddings_replace_the_prompt(folder):
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    run = dict(CALL, output_type="latent", progress=False)
+    from_text = ours("a red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(5), **run).frames
+    positive, negative = ours.encode_prompt(["a red cat"], ["blurry"])
+    from_embeds = ours(None, prompt_embeds=positive, negative_prompt_embeds=negative,
+                       generator=torch.Generator().manual_seed(5), **run).frames
+    assert torch.equal(from_text, from_embeds)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        ours("a cat", prompt_embeds=positive, **run)
