@@ -408,7 +408,7 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
     for backend, reason in skipped:
         print(f"   skipped {backend}: {reason}")
     rows = []
-    bud = budget(device, args)
+    bud = dict(getattr(mod, "BUDGET", None) or budget(device, args)) if not args.tiny else budget(device, args)
     for shape in shapes:
         shape_rows = []
         for mode in modes:

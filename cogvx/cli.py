@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image", type=Path, default=None, help="image-to-video (an I2V model): the first frame")
     g.add_argument("--video", type=Path, default=None, help="video-to-video: the video to transform")
     g.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of it is re-noised")
-    g.add_argument("--fps", type=int, default=8)
+    g.add_argument("--fps", type=int, default=None, help="default: 16 for CogVideoX 1.5 models, 8 otherwise")
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
+    g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
     sub.add_parser("info", help="versions, backends built, device, memory")
     return p
@@ -148,6 +149,11 @@ def generate(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     load = time.perf_counter() - start
+    if args.tile:
+        try:
+            pipe.vae.enable_tiling()
+        except ValueError as exc:
+            raise UsageError(f"--tile: {exc}") from None
     generator = torch.Generator("cpu").manual_seed(args.seed) if args.seed is not None else None
     conditions = {}
     if args.image is not None:
@@ -166,10 +172,11 @@ def generate(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     timings = {"load": load, **pipe.timings}
+    fps = args.fps or (16 if pipe.transformer.config.patch_size_t else 8)  # 1.5 was trained at 16 fps
     start = time.perf_counter()
-    write_video((frames * 255).round().astype("uint8"), args.out, args.fps)
+    write_video((frames * 255).round().astype("uint8"), args.out, fps)
     timings["write"] = time.perf_counter() - start
-    print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {args.fps} fps); "
+    print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps} fps); "
           + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return 0
 

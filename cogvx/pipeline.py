@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._progress import progress_bar
 from .models import CausalVAE, Transformer3D
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
 from .text import TextEncoder
@@ -28,14 +29,6 @@ class PipelineOutput:
     """frames: np (B, F, H, W, 3) floats in [0, 1]; pt (B, F, 3, H, W); pil: B lists of F images;
     latent: (B, F', C, h, w)."""
     frames: object
-
-
-def _progress(items, show: bool, what: str):
-    if not show:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=what)
 
 
 class Pipeline:
@@ -89,7 +82,7 @@ class Pipeline:
                 warnings.warn(f"prompt longer than {self.text_encoder.max_length} tokens; dropped: {cut!r}")
         groups = [prompt] if negative_prompt is None else [prompt, negative_prompt]
         encoded = [self.text_encoder.encode(texts, device=self.device)
-                   for texts in _progress(groups, progress, "text encoding")]
+                   for texts in progress_bar(groups, progress, "text encoding")]
         positive, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         if self.offload_text_encoder:  # T5-XXL is ~9 GB in bf16: off the GPU once the prompts are encoded
             self.text_encoder.to("cpu")
@@ -188,7 +181,7 @@ class Pipeline:
         ofs = latents.new_full((1,), 2.0) if c.ofs_embed_dim else None
 
         dpm = isinstance(self.scheduler, DPMScheduler)
-        for i, t in enumerate(_progress(timesteps, progress, "denoising")):
+        for i, t in enumerate(progress_bar(timesteps, progress, "denoising")):
             model_input = torch.cat([latents] * 2) if guided else latents
             if condition is not None:
                 model_input = torch.cat([model_input, torch.cat([condition] * 2) if guided else condition], dim=2)

@@ -41,6 +41,8 @@ step benchmarks "$PY" benchmarks/run.py --device cuda --backward --op causal_con
 step transformer_bench "$PY" benchmarks/run.py --device cuda --quick --op transformer --json "$OUT/transformer.json"
 # the VAE at 49x480x720 (decode, encode), bf16: time and CUDA peak memory vs diffusers
 step vae_bench "$PY" benchmarks/run.py --device cuda --op vae --json "$OUT/vae.json"
+# end to end: 2B at 49x480x720, 4 DPM steps with CFG, then decode (one warm-up, two timed calls)
+step pipeline_bench "$PY" benchmarks/run.py --device cuda --quick --op pipeline --json "$OUT/pipeline.json"
 
 {
   echo "{"
@@ -48,7 +50,7 @@ step vae_bench "$PY" benchmarks/run.py --device cuda --op vae --json "$OUT/vae.j
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
   echo "  \"steps\": {"
   first=1
-  for name in build info cuda_tests triton_aot benchmarks transformer_bench vae_bench; do
+  for name in build info cuda_tests triton_aot benchmarks transformer_bench vae_bench pipeline_bench; do
     [ $first = 1 ] || echo ","
     first=0
     printf '    "%s": {"rc": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"

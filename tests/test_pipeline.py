@@ -136,3 +136,15 @@ def test_prompt_embeddings_replace_the_prompt(folder):
     assert torch.equal(from_text, from_embeds)
     with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
         ours("a cat", prompt_embeds=positive, **run)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_pipeline_is_finite_and_close(folder, dtype):
+    """fp16 / bf16 runs end to end without NaN or inf, close to the fp32 frames (same seed)."""
+    run = dict(CALL, num_inference_steps=2, output_type="np", progress=False)
+    full = Pipeline.from_pretrained(folder, dtype=torch.float32)("a cat", generator=torch.Generator().manual_seed(0),
+                                                                  **run).frames
+    half = Pipeline.from_pretrained(folder, dtype=dtype)("a cat", generator=torch.Generator().manual_seed(0),
+                                                          **run).frames
+    assert np.isfinite(half).all()
+    assert np.abs(half - full).mean() < 0.05, np.abs(half - full).mean()

@@ -23,6 +23,7 @@ from cogvx_kernels import causal_conv3d
 from cogvx_kernels.nn import CausalConv3d
 
 from .. import loading
+from .._progress import progress_bar
 
 DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
 
@@ -312,14 +313,6 @@ def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
     return [(0 if i == 0 else size * i + rest, min(size * (i + 1) + rest, frames)) for i in range(count)]
 
 
-def _progress(items, show: bool, what: str):
-    if not show:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=what, leave=False)
-
-
 def _blend_(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     """b's first `extent` slices along dim ramped linearly from a's last ones (in place on b)."""
     extent = min(a.shape[dim], b.shape[dim], extent)
@@ -339,7 +332,7 @@ def _tiled(x: torch.Tensor, run, tile, stride, blend, keep, progress: bool, what
     row-major order, in place, as diffusers does), and its first `keep` rows/columns kept."""
     starts = [(i, j) for i in range(0, x.shape[3], stride[0]) for j in range(0, x.shape[4], stride[1])]
     outs = {}
-    for i, j in _progress(starts, progress, f"{what} tiles"):
+    for i, j in progress_bar(starts, progress, f"{what} tiles"):
         outs[i, j] = run(x[:, :, :, i:i + tile[0], j:j + tile[1]])
     rows_i, cols_j = sorted({i for i, _ in starts}), sorted({j for _, j in starts})
     rows = []
@@ -472,7 +465,7 @@ class CausalVAE(nn.Module):
 
     def _encode_chunks(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
         ctx = FrameContext()
-        chunks = _progress(self._chunks(video.shape[2], self.encode_frames), progress, "encode chunks")
+        chunks = progress_bar(self._chunks(video.shape[2], self.encode_frames), progress, "encode chunks")
         return torch.cat([self.encoder(video[:, :, start:end], ctx) for start, end in chunks], dim=2)
 
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
@@ -494,7 +487,7 @@ class CausalVAE(nn.Module):
         ctx = FrameContext()
         chunks = self._chunks(latents.shape[2], self.decode_latents)
         out = None
-        for start, end in _progress(chunks, progress, "decode chunks"):
+        for start, end in progress_bar(chunks, progress, "decode chunks"):
             frames = self.decoder(latents[:, :, start:end], ctx)  # into one preallocated video: no cat
             if out is None:
                 total = sum(self.decoded_frames(e - s) for s, e in chunks)
