@@ -313,6 +313,22 @@ def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
     return [(0 if i == 0 else size * i + rest, min(size * (i + 1) + rest, frames)) for i in range(count)]
 
 
+def _tile_steps_by_latents(size: int, frac: float, factor: int) -> bool:
+    """Whether tiles of `size` pixels overlapping by `frac` advance by exactly what each keeps, in
+    latent and in pixel units (else the tiled result grows or shrinks, as in diffusers)."""
+    latent = size // factor
+    return size % factor == 0 and latent > 0 and int(latent * (1 - frac)) * factor == size - int(size * frac) \
+        and int(size * (1 - frac)) == (latent - int(latent * frac)) * factor
+
+
+def _nearest_tile(target: int, frac: float, factor: int, limit: int) -> int:
+    """The valid tile size (multiple of `factor`, at most `limit`) nearest `target`."""
+    candidates = [size for size in range(factor, max(limit, factor) + 1, factor) if _tile_steps_by_latents(size, frac, factor)]
+    if not candidates:
+        raise ValueError(f"no tile size up to {limit} pixels steps by whole latents with overlap {frac:.4g}")
+    return min(candidates, key=lambda size: (abs(size - target), size))
+
+
 def _blend_(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     """b's first `extent` slices along dim ramped linearly from a's last ones (in place on b)."""
     extent = min(a.shape[dim], b.shape[dim], extent)
@@ -418,26 +434,23 @@ class CausalVAE(nn.Module):
 
     def enable_tiling(self, tile_height: int | None = None, tile_width: int | None = None,
                       overlap: float | tuple[float, float] | None = None) -> "CausalVAE":
-        """Process spatial tiles of tile_height × tile_width video pixels (default: half the config's
-        sample size) overlapping by the fraction `overlap` (default 1/6 of the height, 1/5 of the
-        width), blended linearly across the overlap: diffusers' tiling, same numbers. A frame larger
-        than one tile is then encoded/decoded tile by tile, each tile frame-chunk by chunk."""
-        c = self.config
+        """Process spatial tiles of tile_height × tile_width video pixels overlapping by the fraction
+        `overlap` (default 1/6 of the height, 1/5 of the width), blended linearly across the overlap:
+        diffusers' tiling, same numbers. A frame larger than one tile is then encoded/decoded tile by
+        tile, each tile frame-chunk by chunk. Tiles must step by whole latents; without sizes, the
+        valid size nearest half the config's sample size is taken (diffusers' default for CogVideoX)."""
+        c, f = self.config, self.config.spatial_factor
         fh, fw = (1 / 6, 1 / 5) if overlap is None else (overlap, overlap) if isinstance(overlap, (int, float)) \
             else overlap
-        height, width = tile_height or c.sample_height // 2, tile_width or c.sample_width // 2
-        if min(height, width) < c.spatial_factor or not (0 <= fh < 1 and 0 <= fw < 1):
-            raise ValueError(f"tiles must be at least {c.spatial_factor} pixels and overlaps in [0, 1); "
-                             f"got {height}×{width}, overlap ({fh}, {fw})")
-        f = c.spatial_factor
+        if not (0 <= fh < 1 and 0 <= fw < 1):
+            raise ValueError(f"overlaps must be in [0, 1); got ({fh}, {fw})")
+        height = tile_height or _nearest_tile(c.sample_height // 2, fh, f, c.sample_height)
+        width = tile_width or _nearest_tile(c.sample_width // 2, fw, f, c.sample_width)
         for size, frac in ((height, fh), (width, fw)):
-            latent = size // f
-            # tiles must step by what each keeps, in both directions, or the video grows or shrinks
-            if int(latent * (1 - frac)) * f != size - int(size * frac) or \
-                    int(size * (1 - frac)) != (latent - int(latent * frac)) * f or size % f:
+            if not _tile_steps_by_latents(size, frac, f):
                 raise ValueError(f"tile size {size} with overlap {frac:.4g} does not step by whole latents "
-                                 f"(tile and overlap must be multiples of {f} pixels, e.g. "
-                                 f"{c.sample_height // 2}×{c.sample_width // 2} with (1/6, 1/5))")
+                                 f"(tile and overlap must be multiples of {f} pixels, e.g. 240×360 with "
+                                 f"(1/6, 1/5), CogVideoX's default at 480×720)")
         self.tiling = (height, width, fh, fw)
         return self
 
