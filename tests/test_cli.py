@@ -81,3 +81,19 @@ def test_info_reports_versions_and_backends():
     r = cogvx("info")
     assert r.returncode == 0, r.stderr
     assert '"torch"' in r.stdout and '"cogvx"' in r.stdout
+
+
+def test_image_to_video_from_the_command_line(tmp_path):
+    from PIL import Image
+
+    from cogvx.tiny import build
+
+    folder = build(tmp_path / "i2v", variant="i2v-1.5")
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(tmp_path / "first.png")
+    out = tmp_path / "i2v.mp4"
+    r = cogvx("generate", "--model", str(folder), "--prompt", "a cat", "--image", str(tmp_path / "first.png"),
+              "--steps", "2", "--frames", "9", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "16 fps" in r.stdout  # CogVideoX 1.5's rate
+    r = cogvx("generate", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "image-to-video checkpoint: pass image=" in r.stderr.strip().splitlines()[-1]
