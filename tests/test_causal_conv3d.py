@@ -30,6 +30,9 @@ CASES = [
     (1, 3, 4, 2, 6, 6, (3, 3, 3), (0, 0), True, "contiguous"),  # valid spatial conv
     (1, 2, 3, 2, 5, 8, (3, 5, 3), (2, 1), False, "contiguous"),
     (1, 16, 24, 3, 12, 20, (3, 3, 3), None, True, "contiguous"),
+    # large enough for the CPU kernel's brgemm path (not its small-product loop)
+    (1, 32, 48, 2, 13, 30, (3, 3, 3), None, True, "contiguous"),
+    (1, 64, 48, 2, 16, 24, (2, 1, 1), None, True, "contiguous"),  # 1×1 spatial
 ]
 # The Triton interpreter is slow: a subset still covering halo, T<kt-1, strides and odd sizes.
 INTERPRETED_CASES = [0, 1, 3, 4, 5, 9]
