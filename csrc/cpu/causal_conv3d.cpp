@@ -13,7 +13,8 @@
 // at::parallel_for; the halo/first-frame and border index math lives in csrc/common/causal_conv3d.h,
 // shared with the CUDA file. Why not at::conv3d on views: the halo and the first kt-1 output
 // frames would still need a concatenated copy, and oneDNN would re-layout the activation anyway.
-// The backward still packs one copy per tap (pack_tap).
+// The backward uses the same tiles and band: grad x is the same product with grad_out as the band
+// and the taps mirrored, grad W takes the band as its left operand.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -81,80 +82,6 @@ Frames<scalar_t> frames_of(const at::Tensor& t) {
   return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
-// Pixels (of one frame, flattened row-major) handled by one task: 256 makes a wide GEMM whose N is
-// a multiple of 16 (the micro-kernel's sweet spot); fewer when that would leave threads idle.
-int64_t pixels_per_task(int64_t pixels, int64_t outer_tasks) {
-  int64_t n = 256;
-  const int64_t threads = at::get_num_threads();
-  while (n > 32 && outer_tasks * ((pixels + n - 1) / n) < 4 * threads) n /= 2;
-  return std::min(n, pixels);
-}
-
-// Packs, for one source frame and one kernel tap (dh, dw), what pixels [p0, p0 + n) of a frame of
-// `width` columns read through that tap, as the GEMM's B operand P (C × n, fp32):
-//   P[c][p - p0] = frame[c, row_of(row(p), dh), col(column(p), dw)]
-// and zero where the tap falls on the padding (row_of returns -1; range(dw) gives the columns
-// [lo, hi) whose tap dw lands inside the frame). This is the GEMM's own operand packing of a
-// 256-pixel panel (it stays in L2 next to its GEMM), not an im2col of the activation.
-template <typename scalar_t, typename RowOf, typename Range, typename Col>
-void pack_tap(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t dh, int64_t dw,
-              int64_t p0, int64_t n, int64_t width, RowOf row_of, Range range, Col col, float* P) {
-  int64_t lo, hi;
-  range(dw, &lo, &hi);
-  for (int64_t c = 0; c < C; ++c) {
-    float* dst = P + c * n - p0;  // dst[p] for p in [p0, p0 + n)
-    for (int64_t p = p0; p < p0 + n;) {
-      const int64_t row = p / width, first = p % width;
-      const int64_t last = std::min(width, first + (p0 + n - p));  // columns [first, last) of this row
-      const int64_t src_row = row_of(row, dh);
-      float* d = dst + row * width;  // d[column]
-      const int64_t l = src_row < 0 ? last : std::min(std::max(lo, first), last);
-      const int64_t h = src_row < 0 ? last : std::max(std::min(hi, last), l);
-      std::fill(d + first, d + l, 0.f);
-      if (h > l) {
-        const scalar_t* src = f.row(b, frame, src_row) + c * f.sc;
-        if (f.sw == 1) {
-          const scalar_t* s0 = src + col(l, dw) - l;
-          for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(s0[o]);
-        } else {
-          for (int64_t o = l; o < h; ++o) d[o] = static_cast<float>(src[col(o, dw) * f.sw]);
-        }
-      }
-      std::fill(d + h, d + last, 0.f);
-      p += last - first;
-    }
-  }
-}
-
-// pack_tap in the forward direction: output pixels [p0, p0 + n) of a (·, Wo) output frame read
-// input frame `frame` (H × W) through tap (dh, dw) (forward and weight gradient).
-template <typename scalar_t>
-void pack_input_tap(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, int64_t dh, int64_t dw,
-                    int64_t pad_h, int64_t pad_w, int64_t H, int64_t W, int64_t p0, int64_t n, int64_t Wo,
-                    float* P) {
-  pack_tap(f, b, frame, C, dh, dw, p0, n, Wo,
-            [&](int64_t oh, int64_t dh) {
-              const int64_t ih = cc::input_coord(oh, dh, pad_h);
-              return cc::in_bounds(ih, H) ? ih : int64_t(-1);
-            },
-            [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_output_range(dw, pad_w, W, Wo, lo, hi); },
-            [&](int64_t ow, int64_t dw) { return cc::input_coord(ow, dw, pad_w); }, P);
-}
-
-// Writes pixels [p0, p0 + n) of frame `frame` of dst (any strides) from the fp32 tile (C × n).
-template <typename scalar_t>
-void store_pixels(const std::vector<float>& tile, int64_t C, int64_t p0, int64_t n, at::Tensor& dst,
-                  int64_t b, int64_t frame) {
-  const int64_t width = dst.size(4);
-  scalar_t* base = dst.data_ptr<scalar_t>() + b * dst.stride(0) + frame * dst.stride(2);
-  for (int64_t c = 0; c < C; ++c) {
-    const float* s = tile.data() + c * n - p0;
-    scalar_t* d = base + c * dst.stride(1);
-    for (int64_t p = p0; p < p0 + n; ++p)
-      d[(p / width) * dst.stride(3) + (p % width) * dst.stride(4)] = static_cast<scalar_t>(s[p]);
-  }
-}
-
 // The forward's unit of work: output rows [oh0, oh0 + rows) × columns [ow0, ow0 + cols) of one
 // frame. The input window it reads through all kh×kw taps, the "band" (rows + kh - 1) × (cols + kw
 // - 1) per channel, is packed once per temporal tap; output pixel (r, s) of the tile is GEMM column
@@ -214,6 +141,23 @@ void pack_band(const Frames<scalar_t>& f, int64_t b, int64_t frame, int64_t C, i
     }
 }
 
+// Writes a tile (C × rows × cols at GEMM columns r·band_w + s of `tile`, fp32) to frame `frame` of
+// dst at rows [h0, h0 + rows), columns [w0, w0 + cols).
+template <typename scalar_t>
+void store_tile(const float* tile, int64_t ld_tile, int64_t band_w, int64_t C, int64_t rows, int64_t cols,
+                const Frames<scalar_t>& dst, int64_t b, int64_t frame, int64_t h0, int64_t w0) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = tile + c * ld_tile + r * band_w;
+      scalar_t* d = const_cast<scalar_t*>(dst.row(b, frame, h0 + r)) + c * dst.sc + w0 * dst.sw;
+      if (dst.sw == 1) {
+        for (int64_t o = 0; o < cols; ++o) d[o] = static_cast<scalar_t>(s[o]);
+      } else {
+        for (int64_t o = 0; o < cols; ++o) d[o * dst.sw] = static_cast<scalar_t>(s[o]);
+      }
+    }
+}
+
 // y[b, :, t, tile] = bias + Σ_dt Σ_(dh,dw) W_tap (C_out × C_in) · band_dt shifted by (dh, dw).
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor* bias,
@@ -252,24 +196,16 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
           gemm_acc(Cout, N, Cin, wp + (dt * kh * kw + tap) * Cout * Cin, Cin,
                    band.data() + (tap / kw) * band_w + tap % kw, band_plane, out.data(), ld_out);
       }
-      for (int64_t co = 0; co < Cout; ++co)
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* s = &out[co * ld_out + r * band_w];
-          scalar_t* d = const_cast<scalar_t*>(ys.row(b, t, oh0 + r)) + co * ys.sc + ow0 * ys.sw;
-          if (ys.sw == 1) {
-            for (int64_t o = 0; o < cols; ++o) d[o] = static_cast<scalar_t>(s[o]);
-          } else {
-            for (int64_t o = 0; o < cols; ++o) d[o * ys.sw] = static_cast<scalar_t>(s[o]);
-          }
-        }
+      store_tile(out.data(), ld_out, band_w, Cout, rows, cols, ys, b, t, oh0, ow0);
     }
     gemm_release();
   });
 }
 
-// Gradient of the time-padded input folded onto the stored frames: a task owns pixels of one stored
+// Gradient of the time-padded input folded onto the stored frames: a task owns a tile of one stored
 // frame (halo or x) and sums over every padded frame that reads it, so each element is written once.
-// grad[b, :, s, pixels] = Σ_j Σ_dt Σ_tap W_tapᵀ (C_in × C_out) · P_tap, P_tap packed from grad_out frame j-dt.
+// grad[b, :, s, tile] = Σ_j Σ_dt Σ_(dh,dw) W_tapᵀ (C_in × C_out) · band shifted by (kh-1-dh, kw-1-dw),
+// the band packed from grad_out frame j-dt: the forward's tiling, with grad_out in the role of x.
 template <typename scalar_t>
 void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool has_halo, int64_t kt,
                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gx,
@@ -278,78 +214,96 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
   const int64_t Cout = gy.size(1), Ho = gy.size(3), Wo = gy.size(4);
   const int64_t lead = has_halo ? kt - 1 : 0;  // halo frames that get their own gradient
   const auto gs = frames_of<scalar_t>(gy);
+  const auto gxs = frames_of<scalar_t>(gx);
+  const auto ghs = ghalo ? frames_of<scalar_t>(*ghalo) : gxs;
   const float* wp = w_packed_t.data_ptr<float>();  // (kt, kh, kw, Cin, Cout)
-  const int64_t NB = pixels_per_task(H * W, B * (lead + T));
-  const int64_t blocks = (H * W + NB - 1) / NB;
+  const ForwardTiling tiling = forward_tiling(H, W, kw, B * (lead + T));
+  const int64_t band_w = tiling.cols + kw - 1, band_plane = (tiling.rows + kh - 1) * band_w;
+  const int64_t ld_out = (tiling.rows - 1) * band_w + tiling.cols;
+  const int64_t tiles = tiling.row_tiles * tiling.col_tiles;
 
-  at::parallel_for(0, B * (lead + T) * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(Cin * NB), P(Cout * NB);
+  at::parallel_for(0, B * (lead + T) * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(Cin * ld_out), band(Cout * band_plane);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p0 = (task % blocks) * NB, s = (task / blocks) % (lead + T), b = task / (blocks * (lead + T));
-      const int64_t N = std::min(NB, H * W - p0);
+      const int64_t tile = task % tiles, s = (task / tiles) % (lead + T), b = task / (tiles * (lead + T));
+      const int64_t ih0 = (tile / tiling.col_tiles) * tiling.rows, iw0 = (tile % tiling.col_tiles) * tiling.cols;
+      const int64_t rows = std::min(tiling.rows, H - ih0), cols = std::min(tiling.cols, W - iw0);
+      const int64_t N = (rows - 1) * band_w + cols;
       const bool is_halo = s < lead;
       const int64_t index = is_halo ? s : s - lead;
       int64_t j_lo, j_hi;
       cc::padded_frames_of_source(is_halo, index, kt, has_halo, &j_lo, &j_hi);
-      std::fill(out.begin(), out.begin() + Cin * N, 0.f);
+      for (int64_t ci = 0; ci < Cin; ++ci) std::fill(&out[ci * ld_out], &out[ci * ld_out] + N, 0.f);
       for (int64_t j = j_lo; j < j_hi; ++j)
         for (int64_t dt = 0; dt < kt; ++dt) {
           const int64_t t = j - dt;
           if (!cc::in_bounds(t, T)) continue;
-          for (int64_t tap = 0; tap < kh * kw; ++tap) {
-            pack_tap(gs, b, t, Cout, tap / kw, tap % kw, p0, N, W,
-                     [&](int64_t ih, int64_t dh) {
-                       const int64_t oh = cc::output_coord(ih, dh, pad_h);
-                       return cc::in_bounds(oh, Ho) ? oh : int64_t(-1);
-                     },
-                     [&](int64_t dw, int64_t* lo, int64_t* hi) { cc::valid_input_range(dw, pad_w, W, Wo, lo, hi); },
-                     [&](int64_t iw, int64_t dw) { return cc::output_coord(iw, dw, pad_w); }, P.data());
-            gemm_acc(Cin, N, Cout, wp + (dt * kh * kw + tap) * Cin * Cout, Cout, P.data(), N, out.data(), N);
-          }
+          // band row 0 is the output row that input row ih0 reaches through the last tap row kh - 1
+          pack_band(gs, b, t, Cout, cc::output_coord(ih0, kh - 1, pad_h), cc::output_coord(iw0, kw - 1, pad_w),
+                    rows + kh - 1, band_w, band_plane, Ho, Wo, band.data());
+          for (int64_t tap = 0; tap < kh * kw; ++tap)
+            gemm_acc(Cin, N, Cout, wp + (dt * kh * kw + tap) * Cin * Cout, Cout,
+                     band.data() + (kh - 1 - tap / kw) * band_w + (kw - 1 - tap % kw), band_plane, out.data(),
+                     ld_out);
         }
-      store_pixels<scalar_t>(out, Cin, p0, N, is_halo ? *ghalo : gx, b, index);
+      store_tile(out.data(), ld_out, band_w, Cin, rows, cols, is_halo ? ghs : gxs, b, index, ih0, iw0);
     }
     gemm_release();
   });
 }
 
-// Gradient of the weight: dW_tap (C_out × C_in) = Σ_pixels grad_out (C_out × N) · P_tapᵀ (N × C_in).
-// Tasks split dt × blocks of C_out (deterministic: each task owns its slice of dW).
+// Gradient of the weight, transposed: dW_tapᵀ (C_in × C_out) = Σ_tiles band shifted by (dh, dw)
+// (C_in × N) · Gᵀ (N × C_out), with the forward's tiling and band (one packing for all kh·kw taps)
+// and Gᵀ the grad_out tile packed pixel-major, zero on the dropped columns between rows (so they add
+// nothing). Tasks split dt × blocks of C_in (deterministic: each task owns its slice of dWᵀ and
+// packs only its channels of the band).
 template <typename scalar_t>
 void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor* halo, int64_t kt,
-                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gw_packed) {
+                        int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w, at::Tensor& gw_packed_t) {
   const int64_t B = x.size(0), Cin = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t Cout = gy.size(1), Ho = gy.size(3), Wo = gy.size(4);
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
   const auto gs = frames_of<scalar_t>(gy);
-  float* gwp = gw_packed.data_ptr<float>();  // (kt, kh, kw, Cout, Cin)
-  const int64_t co_block = std::min<int64_t>(Cout, 64);
-  const int64_t co_blocks = (Cout + co_block - 1) / co_block;
-  const int64_t NB = std::min<int64_t>(Ho * Wo, 256);
+  float* gwp = gw_packed_t.data_ptr<float>();  // (kt, kh, kw, Cin, Cout)
+  // 64 channels per task, fewer when that leaves threads idle (kt = 3 tasks of 64 on 2 threads)
+  const int64_t threads = at::get_num_threads();
+  int64_t ci_block = std::min<int64_t>(Cin, 64);
+  while (ci_block > 16 && kt * ((Cin + ci_block - 1) / ci_block) < 3 * threads) ci_block /= 2;
+  const int64_t ci_blocks = (Cin + ci_block - 1) / ci_block;
+  const ForwardTiling tiling = forward_tiling(Ho, Wo, kw, B * T);
+  const int64_t band_w = tiling.cols + kw - 1, band_plane = (tiling.rows + kh - 1) * band_w;
+  const int64_t ld_g = (tiling.rows - 1) * band_w + tiling.cols;
 
-  at::parallel_for(0, kt * co_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(Cin * NB), PT(NB * Cin), G(co_block * NB);
+  at::parallel_for(0, kt * ci_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> band(ci_block * band_plane), gt(ld_g * Cout);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t dt = task / co_blocks, co0 = (task % co_blocks) * co_block;
-      const int64_t M = std::min(co_block, Cout - co0);
+      const int64_t dt = task / ci_blocks, ci0 = (task % ci_blocks) * ci_block;
+      const int64_t M = std::min(ci_block, Cin - ci0);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t) {
           const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, halo != nullptr);
-          for (int64_t p0 = 0; p0 < Ho * Wo; p0 += NB) {
-            const int64_t N = std::min(NB, Ho * Wo - p0);
-            for (int64_t co = 0; co < M; ++co) {
-              const scalar_t* g = gs.row(b, t, 0) + (co0 + co) * gs.sc;
-              for (int64_t p = p0; p < p0 + N; ++p)
-                G[co * N + p - p0] = static_cast<float>(g[(p / Wo) * gs.sh + (p % Wo) * gs.sw]);
-            }
-            for (int64_t tap = 0; tap < kh * kw; ++tap) {
-              pack_input_tap(src.from_halo ? hs : xs, b, src.index, Cin, tap / kw, tap % kw, pad_h, pad_w, H, W,
-                             p0, N, Wo, P.data());
-              for (int64_t c = 0; c < Cin; ++c)  // Pᵀ: the micro-kernel takes row-major operands only
-                for (int64_t n = 0; n < N; ++n) PT[n * Cin + c] = P[c * N + n];
-              gemm_acc(M, Cin, N, G.data(), N, PT.data(), Cin, gwp + ((dt * kh * kw + tap) * Cout + co0) * Cin, Cin);
-            }
+          const Frames<scalar_t>& f = src.from_halo ? hs : xs;
+          for (int64_t tile = 0; tile < tiling.row_tiles * tiling.col_tiles; ++tile) {
+            const int64_t oh0 = (tile / tiling.col_tiles) * tiling.rows, ow0 = (tile % tiling.col_tiles) * tiling.cols;
+            const int64_t rows = std::min(tiling.rows, Ho - oh0), cols = std::min(tiling.cols, Wo - ow0);
+            const int64_t N = (rows - 1) * band_w + cols;
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t s = 0; s < band_w && r * band_w + s < N; ++s) {
+                float* d = &gt[(r * band_w + s) * Cout];
+                if (s >= cols) {
+                  std::fill(d, d + Cout, 0.f);
+                  continue;
+                }
+                const scalar_t* g = gs.row(b, t, oh0 + r) + (ow0 + s) * gs.sw;
+                for (int64_t co = 0; co < Cout; ++co) d[co] = static_cast<float>(g[co * gs.sc]);
+              }
+            const Frames<scalar_t> channels{f.data + ci0 * f.sc, f.sb, f.sc, f.st, f.sh, f.sw};
+            pack_band(channels, b, src.index, M, cc::input_coord(oh0, 0, pad_h), cc::input_coord(ow0, 0, pad_w),
+                      rows + kh - 1, band_w, band_plane, H, W, band.data());
+            for (int64_t tap = 0; tap < kh * kw; ++tap)
+              gemm_acc(M, Cout, N, band.data() + (tap / kw) * band_w + tap % kw, band_plane, gt.data(), Cout,
+                       gwp + ((dt * kh * kw + tap) * Cin + ci0) * Cout, Cout);
           }
         }
     }
@@ -402,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
 
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor ghalo = halo_in ? at::zeros(halo_in->sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gw_packed = at::zeros({kt, kh, kw, weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat));
+  at::Tensor gw_packed_t = at::zeros({kt, kh, kw, weight.size(1), weight.size(0)}, weight.options().dtype(at::kFloat));
   at::Tensor gb = has_bias ? gy.sum({0, 2, 3, 4}, false, at::kFloat).to(weight.scalar_type())
                            : at::empty({0}, weight.options());
   if (gy.numel() == 0 || x.numel() == 0) {
@@ -412,10 +366,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
     COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_backward_cpu", [&] {
       grad_input_kernel<scalar_t>(gy, w_packed_t, has_halo, kt, kh, kw, pad_h, pad_w, gx,
                                   has_halo ? &ghalo : nullptr);
-      grad_weight_kernel<scalar_t>(gy, x, halo ? &*halo : nullptr, kt, kh, kw, pad_h, pad_w, gw_packed);
+      grad_weight_kernel<scalar_t>(gy, x, halo ? &*halo : nullptr, kt, kh, kw, pad_h, pad_w, gw_packed_t);
     });
   }
-  at::Tensor gw = gw_packed.permute({3, 4, 0, 1, 2}).to(weight.scalar_type()).contiguous();
+  at::Tensor gw = gw_packed_t.permute({4, 3, 0, 1, 2}).to(weight.scalar_type()).contiguous();
   return {gx, gw, gb, ghalo};
 }
 
