@@ -129,16 +129,19 @@ def _repeat_factors(small: torch.Tensor, big: torch.Tensor) -> tuple[int, int, i
 
 def _modulate_(f: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """f · nearest(scale) + nearest(shift), in place on f, with scale and shift at their own (lower)
-    resolution: broadcast over views of f, so no full-resolution copy of them is ever made."""
+    resolution: repeated along the width only (contiguous inner loops for the in-place ops), then
+    broadcast over views of f along time and rows, so no full-resolution copy of them is made."""
     factors = _repeat_factors(scale, f)
     if factors is None or torch.is_grad_enabled():
         size = f.shape[2:]
         return f * F.interpolate(scale, size=size) + F.interpolate(shift, size=size)
     (b, c, t, h, w), (kt, kh, kw) = f.shape, factors
-    view = f.view(b, c, t // kt, kt, h // kh, kh, w // kw, kw)
+    if kw > 1:
+        scale, shift = scale.repeat_interleave(kw, dim=-1), shift.repeat_interleave(kw, dim=-1)
+    view = f.view(b, c, t // kt, kt, h // kh, kh, w)
 
     def lift(x):
-        return x[:, :, :, None, :, None, :, None]
+        return x[:, :, :, None, :, None, :]
 
     view.mul_(lift(scale)).add_(lift(shift))
     return f
