@@ -21,9 +21,12 @@ INFERENCE_ONLY = True
 CONFIG = dict(block_out_channels=[128, 256, 256, 512], latent_channels=16, layers_per_block=3, norm_num_groups=32)
 
 # GPU: 49 frames at 480×720 (13 latent frames of 60×90)
-_GPU = [dict(kind="decode", B=1, F=49, H=480, W=720), dict(kind="encode", B=1, F=49, H=480, W=720)]
-# CPU: 17 frames at 128×128 (5 latent frames of 16×16: two decode chunks). NOT the model's size.
-_CPU = [dict(kind="decode", B=1, F=17, H=128, W=128), dict(kind="encode", B=1, F=17, H=128, W=128)]
+_GPU = [dict(kind="decode", B=1, F=49, H=480, W=720), dict(kind="encode", B=1, F=49, H=480, W=720),
+        dict(kind="decode", B=1, F=49, H=480, W=720, tile=[240, 360])]
+# CPU: 17 frames at 128×128 (5 latent frames of 16×16: two decode chunks), and the same decode in
+# spatial tiles of 48×80 pixels with diffusers' overlaps (both contenders tiled alike). NOT the model's size.
+_CPU = [dict(kind="decode", B=1, F=17, H=128, W=128), dict(kind="encode", B=1, F=17, H=128, W=128),
+        dict(kind="decode", B=1, F=17, H=128, W=128, tile=[48, 80])]
 _TINY = [dict(kind="decode", B=1, F=5, H=16, W=16, tiny=True), dict(kind="encode", B=1, F=5, H=16, W=16, tiny=True)]
 
 
@@ -49,7 +52,8 @@ def shape_set(device, quick: bool, tiny: bool = False) -> str:
 
 
 def label(shape: dict) -> str:
-    return f"{shape['kind']} {shape['F']}x{shape['H']}x{shape['W']} B{shape['B']}"
+    tiles = f" tiles {shape['tile'][0]}x{shape['tile'][1]}" if shape.get("tile") else ""
+    return f"{shape['kind']} {shape['F']}x{shape['H']}x{shape['W']} B{shape['B']}{tiles}"
 
 
 def config(shape: dict) -> dict:
@@ -89,10 +93,15 @@ def make_inputs(shape: dict, device, dtype: torch.dtype, backward: bool, seed: i
 def _load(backend: str, inputs: dict):
     if backend not in inputs["models"]:
         device, dtype = inputs["device"], inputs["dtype"]
+        tile = inputs["shape"].get("tile")
         if backend == "diffusers":
             model = _diffusers_class().from_pretrained(inputs["folder"], torch_dtype=dtype).to(device)
+            if tile:
+                model.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
         else:
             model = cogvx.CausalVAE.from_pretrained(inputs["folder"], dtype=dtype, device=device)
+            if tile:
+                model.enable_tiling(*tile)
         inputs["models"][backend] = model.eval()
     return inputs["models"][backend]
 
