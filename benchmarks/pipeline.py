@@ -87,37 +87,41 @@ def make_inputs(shape: dict, device, dtype: torch.dtype, backward: bool, seed: i
     return inputs
 
 
-def _gpu_pipes(inputs):
-    """Random-weight transformer and VAE built on the GPU, shared weights for both contenders."""
+def _gpu_pipes(inputs, backends):
+    """Random-weight transformer and VAE decoder built on the GPU by us; diffusers' modules (when
+    diffusers is importable) take the same weights."""
     import cogvx
     from cogvx.pipeline import Pipeline
     from cogvx.schedulers import DPMScheduler
     from cogvx.tiny import SCHEDULER
 
-    diffusers = _diffusers()
     device, dtype, model = inputs["device"], inputs["dtype"], inputs["shape"]["model"]
     config = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
                   **FULL[model])
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = diffusers.CogVideoXTransformer3DModel(**config).to(dtype)
-        vae = diffusers.AutoencoderKLCogVideoX().to(dtype)
-    scheduler = diffusers.CogVideoXDPMScheduler(**SCHEDULER)
-    theirs = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                         scheduler=scheduler)
-    theirs.set_progress_bar_config(disable=True)
-    with torch.device("meta"):
-        ours_t, ours_v = cogvx.Transformer3D(config), cogvx.CausalVAE(dict(vae.config), parts=("decoder",))
-    ours_t.load_state_dict(transformer.state_dict(), assign=True)
-    ours_v.load_state_dict({k: v for k, v in vae.state_dict().items() if k.startswith("decoder.")}, assign=True)
-    ours = Pipeline(ours_t.eval(), ours_v.eval(), None, DPMScheduler(SCHEDULER))
-    return {"diffusers": theirs, "cogvx": ours}
+        transformer = cogvx.Transformer3D(config).to(dtype).eval()
+        vae = cogvx.CausalVAE(parts=("decoder",)).to(dtype).eval()   # CogVideoX's VAE config
+    pipes = {"cogvx": Pipeline(transformer, vae, None, DPMScheduler(SCHEDULER))}
+    if "diffusers" in backends:
+        diffusers = _diffusers()
+        with torch.device(device):  # built for real: the 2B sin-cos table is a non-persistent buffer
+            their_transformer = diffusers.CogVideoXTransformer3DModel(**config).to(dtype)
+            their_vae = diffusers.AutoencoderKLCogVideoX().to(dtype)
+        their_transformer.load_state_dict(transformer.state_dict())
+        their_vae.decoder.load_state_dict(vae.decoder.state_dict())
+        theirs = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=their_vae.eval(),
+                                             transformer=their_transformer.eval(),
+                                             scheduler=diffusers.CogVideoXDPMScheduler(**SCHEDULER))
+        theirs.set_progress_bar_config(disable=True)
+        pipes["diffusers"] = theirs
+    return pipes
 
 
 def _pipe(backend: str, inputs: dict):
     if backend not in inputs["pipes"]:
         if inputs["device"].type == "cuda":
-            inputs["pipes"].update(_gpu_pipes(inputs))
+            inputs["pipes"].update(_gpu_pipes(inputs, contenders(inputs["device"], inputs["dtype"])))
         elif backend == "diffusers":
             pipe = _diffusers().CogVideoXPipeline.from_pretrained(inputs["folder"], dtype=inputs["dtype"])
             pipe.set_progress_bar_config(disable=True)

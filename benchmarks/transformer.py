@@ -159,17 +159,16 @@ def _load(backend: str, inputs: dict):
     if backend in inputs["models"]:
         return inputs["models"][backend]
     s, cfg, device, dtype = inputs["shape"], inputs["config"], inputs["device"], inputs["dtype"]
-    if device.type == "cuda":  # random weights built on the device, the same for both contenders
+    if device.type == "cuda":  # random weights (seed 0) built on the device by us; diffusers takes the same
         torch.manual_seed(0)
         with torch.device(device):
-            reference = _diffusers_module(s, cfg).to(dtype)
-        if backend == "diffusers":
-            model = reference
-        else:
             model = (ExpertBlock(TransformerConfig.from_dict(cfg)) if s["kind"] == "block"
-                     else cogvx.Transformer3D(cfg)).to(device=device, dtype=dtype)
-            model.load_state_dict(reference.state_dict())
-            del reference
+                     else cogvx.Transformer3D(cfg)).to(dtype)
+        if backend == "diffusers":  # built for real: its sin-cos table is a non-persistent buffer
+            with torch.device(device):
+                theirs = _diffusers_module(s, cfg).to(dtype)
+            theirs.load_state_dict(model.state_dict())
+            model = theirs
     elif s["kind"] == "block":
         from safetensors.torch import load_file
 
