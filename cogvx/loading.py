@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_VERSION = "0.42.0"  # the diffusers version whose format and numerics we follow
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class DiffusersConfig:
@@ -107,11 +109,16 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
     expected = model.state_dict()  # meta tensors: names and shapes only
     files = weight_files(folder)
     located: dict[str, Path] = {}
+    stored: dict[torch.dtype, int] = {}  # floating elements per stored dtype: the default target dtype
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 if not key.startswith(skip_prefixes):
                     located[key] = path
+                view = f.get_slice(key)
+                if view.get_dtype() in _SAFETENSORS_DTYPES:
+                    kind = _SAFETENSORS_DTYPES[view.get_dtype()]
+                    stored[kind] = stored.get(kind, 0) + max(1, math.prod(view.get_shape()))
     missing, unexpected = expected.keys() - located.keys(), located.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"the weights in {str(folder)!r} do not match the model: "
@@ -119,7 +126,7 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
                                                        f"unexpected {_listing(unexpected)}" if unexpected else "")
                                      if part))
     if dtype is None:
-        dtype = _checkpoint_dtype(files)
+        dtype = max(stored, key=stored.get) if stored else torch.float32
     state: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -135,29 +142,6 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors not filled by the checkpoint: {_listing(left)}")
-
-
-def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
-    """The dtype most floating tensors of the checkpoint are stored in (by element count)."""
-    counts: dict[torch.dtype, int] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is not None:
-                    counts[dtype] = counts.get(dtype, 0) + max(1, _numel(sl.get_shape()))
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, config: dict, class_name: str, *,

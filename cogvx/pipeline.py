@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ._progress import progress_bar
+from ._random import randn
 from .models import CausalVAE, Transformer3D
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
 from .text import TextEncoder
@@ -41,6 +42,8 @@ class Pipeline:
         self.offload_text_encoder = offload_text_encoder
         self.timings: dict[str, float] = {}  # seconds per phase of the last call
         self._vae_folder: Path | None = None  # where the encoder loads from when first needed
+        self._encoder_vae: CausalVAE | None = None
+
     @classmethod
     def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None,
                         scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
@@ -170,9 +173,9 @@ class Pipeline:
         shape = (batch, latent_frames + pad, channels, height // spatial, width // spatial)
         # random numbers in diffusers' order: posterior samples of the image/video first, then the noise
         condition = self._image_latents(image, batch, shape, generator) if image is not None else None
-        clean = self._encode(video, batch, generator) if video is not None else None
+        clean = self._encode(video, generator) if video is not None else None
         if latents is None:
-            latents = _randn(shape, generator, self.device, dtype)
+            latents = randn(shape, generator, self.device, dtype)
             if clean is not None:
                 latents = self.scheduler.add_noise(clean.to(dtype), latents, timesteps[:1].repeat(batch))
         elif tuple(latents.shape) != shape:
@@ -211,12 +214,12 @@ class Pipeline:
         if self.vae.encoder is None:
             if self._vae_folder is None:
                 raise RuntimeError("this pipeline's VAE has no encoder and no folder to load it from")
-            self._encoder_vae = getattr(self, "_encoder_vae", None) or CausalVAE.from_pretrained(
+            self._encoder_vae = self._encoder_vae or CausalVAE.from_pretrained(
                 self._vae_folder, dtype=self.dtype, device=self.device, parts=("encoder",))
             return self._encoder_vae
         return self.vae
 
-    def _encode(self, video: torch.Tensor, batch: int, generator) -> torch.Tensor:
+    def _encode(self, video: torch.Tensor, generator) -> torch.Tensor:
         """The scaled posterior sample (1, F', C, h, w) of a (1, 3, F, H, W) video: one draw, shared by
         all prompts (diffusers draws once per input video)."""
         sample = self._encoder().encode(video).sample(generator)
@@ -237,12 +240,6 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1]."""
         return self.vae.decode((1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4), progress=progress)
-
-
-def _randn(shape, generator, device, dtype) -> torch.Tensor:
-    """One draw on the generator's device, then moved (diffusers' randn_tensor)."""
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def preprocess(frames, height: int, width: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._random import randn
 from .loading import DiffusersConfig
 
 
@@ -160,20 +161,14 @@ class DPMScheduler(CogVideoXScheduler):
         mult1 = ((1 - alpha_prod_prev) / (1 - alpha_prod_t)) ** 0.5 * (-h).exp()
         mult2 = (-2 * h).expm1() * alpha_prod_prev ** 0.5
         mult_noise = (1 - alpha_prod_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
-        noise = _randn(sample, generator)
+        noise = randn(sample.shape, generator, sample.device, sample.dtype)
         old, self.previous_original = self.previous_original, original
         if old is None or prev < 0:
             return mult1 * sample - mult2 * original + mult_noise * noise
         r = (lamb - self._half_log_snr(self.alphas_cumprod[timestep_back])) / h
         denoised = (1 + 1 / (2 * r)) * original - 1 / (2 * r) * old
-        noise = _randn(sample, generator)
+        noise = randn(sample.shape, generator, sample.device, sample.dtype)
         return mult1 * sample - mult2 * denoised + mult_noise * noise
-
-
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Gaussian noise shaped like `like`, drawn on the generator's device (as diffusers' randn_tensor)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMScheduler}

@@ -24,6 +24,7 @@ from cogvx_kernels.nn import CausalConv3d
 
 from .. import loading
 from .._progress import progress_bar
+from .._random import randn
 
 DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
 
@@ -89,9 +90,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std · ε, ε drawn like diffusers' randn_tensor (on the generator's device, then moved)."""
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
