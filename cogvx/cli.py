@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from ._atomic import atomic_folder, atomic_write
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-cogvideox"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -60,32 +61,29 @@ def _check_output(out: Path) -> None:
         raise UsageError(f"--out must end in .mp4 or .gif (or name a folder for PNG frames); got {out}")
     if not parent.exists() or not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent} (for --out {out})")
+    if not out.suffix and out.exists():
+        raise UsageError(f"{out} exists; choose another --out folder for the PNG frames")
 
 
 def write_video(frames, out: Path, fps: int) -> None:
-    """frames: (F, H, W, 3) uint8. Written to a temporary file next to `out`, then renamed."""
+    """frames: (F, H, W, 3) uint8 -> an mp4, a gif, or (no suffix) a folder of PNGs, written under a
+    temporary name and renamed, so nothing half-written is ever left."""
     import numpy as np
+    from PIL import Image
 
     out = Path(out)
-    if not out.suffix:  # a folder of PNGs, written in a temporary folder then renamed
-        from PIL import Image
-
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        for i, frame in enumerate(frames):
-            Image.fromarray(np.asarray(frame)).save(tmp / f"frame_{i:04d}.png")
-        if out.exists():
-            raise UsageError(f"{out} exists; choose another --out folder")
-        os.replace(tmp, out)
-        return
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        if out.suffix.lower() == ".gif":
-            from PIL import Image
-
+    if not out.suffix:
+        def pngs(folder: Path) -> None:
+            for i, frame in enumerate(frames):
+                Image.fromarray(np.asarray(frame)).save(folder / f"frame_{i:04d}.png")
+        atomic_folder(out, pngs)
+    elif out.suffix.lower() == ".gif":
+        def gif(tmp: str) -> None:
             images = [Image.fromarray(np.asarray(f)) for f in frames]
             images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        else:
+        atomic_write(out, gif)
+    else:
+        def mp4(tmp: str) -> None:
             import imageio_ffmpeg
 
             height, width = frames[0].shape[:2]
@@ -95,13 +93,7 @@ def write_video(frames, out: Path, fps: int) -> None:
             for frame in frames:
                 writer.send(np.ascontiguousarray(frame))
             writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects of their video
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(out, mp4)
 
 
 def _read_image(path: Path):
@@ -138,6 +130,11 @@ def generate(args) -> int:
     if args.model is None:
         print("note: using the embedded tiny CogVideoX with random weights (no trained small model exists yet): "
               "expect noise-like motion, not your prompt", file=sys.stderr)
+    conditions = {}  # read before the model loads: an unreadable input fails fast
+    if args.image is not None:
+        conditions["image"] = _read_image(args.image)
+    if args.video is not None:
+        conditions.update(video=_read_video(args.video), strength=args.strength)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
@@ -155,11 +152,6 @@ def generate(args) -> int:
         except ValueError as exc:
             raise UsageError(f"--tile: {exc}") from None
     generator = torch.Generator("cpu").manual_seed(args.seed) if args.seed is not None else None
-    conditions = {}
-    if args.image is not None:
-        conditions["image"] = _read_image(args.image)
-    if args.video is not None:
-        conditions.update(video=_read_video(args.video), strength=args.strength)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ._atomic import atomic_write
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -163,29 +163,15 @@ def save_pretrained(model: nn.Module, folder: str | Path, config: dict, class_na
     for stale in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*.safetensors")]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        _atomic(folder / WEIGHTS_NAME, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(folder / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+            atomic_write(folder / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        atomic_write(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
-    _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))

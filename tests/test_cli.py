@@ -97,3 +97,10 @@ def test_image_to_video_from_the_command_line(tmp_path):
     assert "16 fps" in r.stdout  # CogVideoX 1.5's rate
     r = cogvx("generate", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "x.mp4"))
     assert r.returncode == 2 and "image-to-video checkpoint: pass image=" in r.stderr.strip().splitlines()[-1]
+
+
+def test_png_output_into_an_existing_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "frames").mkdir()
+    r = cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "frames"))
+    assert r.returncode == 2 and "exists; choose another --out folder" in r.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"] and not any((tmp_path / "frames").iterdir())
