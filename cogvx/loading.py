@@ -41,6 +41,11 @@ class DiffusersConfig:
         return []
 
     @classmethod
+    def of(cls, config=None):
+        """A config from None (the defaults), a config.json dict, or an instance (as is)."""
+        return cls() if config is None else cls.from_dict(config) if isinstance(config, dict) else config
+
+    @classmethod
     def from_dict(cls, config: dict):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in known)

@@ -62,9 +62,7 @@ class CogVideoXScheduler:
     CLASS_NAMES: tuple[str, ...] = ()
 
     def __init__(self, config: SchedulerConfig | dict | None = None):
-        config = SchedulerConfig() if config is None else SchedulerConfig.from_dict(config) if isinstance(
-            config, dict) else config
-        self.config = c = config
+        self.config = c = SchedulerConfig.of(config)
         if c.trained_betas is not None:
             betas = torch.tensor(c.trained_betas, dtype=torch.float32)
         elif c.beta_schedule == "linear":

@@ -189,11 +189,7 @@ class Transformer3D(nn.Module):
 
     def __init__(self, config: TransformerConfig | dict | None = None, *, backend: str | None = None):
         super().__init__()
-        if config is None:
-            config = TransformerConfig()
-        elif isinstance(config, dict):
-            config = TransformerConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = TransformerConfig.of(config)
         dim = c.inner_dim
         learned = None
         if c.use_learned_positional_embeddings:

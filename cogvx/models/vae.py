@@ -378,7 +378,7 @@ class CausalVAE(nn.Module):
     def __init__(self, config: VAEConfig | dict | None = None, *, chunking: str = "diffusers",
                  parts: tuple[str, ...] = PARTS):
         super().__init__()
-        config = VAEConfig() if config is None else VAEConfig.from_dict(config) if isinstance(config, dict) else config
+        config = VAEConfig.of(config)
         if not parts or set(parts) - set(self.PARTS):
             raise ValueError(f"parts must be a non-empty subset of {self.PARTS}; got {parts}")
         self.config = config
