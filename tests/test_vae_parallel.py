@@ -34,12 +34,15 @@ def test_latent_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_equals_one_process(tmp_path, world):
+@pytest.mark.parametrize("world,latent_frames", [(2, 9), (4, 9), (2, 3)],
+                         ids=["2-ranks", "4-ranks", "2-ranks-rank0-one-frame"])
+def test_context_parallel_equals_one_process(tmp_path, world, latent_frames):
+    """(2, 3): rank 0 holds a single (latent / video) frame, fewer than a conv's history, so the
+    history it passes on includes the frames it received."""
     tiny_vae().save_pretrained(tmp_path / "vae")
     g = torch.Generator().manual_seed(world)
-    video = torch.randn(2, 3, 1 + 4 * 8, 16, 24, generator=g)   # 9 latent frames
-    latents = torch.randn(2, 4, 9, 2, 3, generator=g)
+    video = torch.randn(2, 3, 1 + 4 * (latent_frames - 1), 16, 24, generator=g)
+    latents = torch.randn(2, 4, latent_frames, 2, 3, generator=g)
     torch.save(dict(video=video, latents=latents), tmp_path / "inputs.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -49,7 +52,7 @@ def test_context_parallel_equals_one_process(tmp_path, world):
     whole = CausalVAE.from_pretrained(tmp_path / "vae", chunking="whole")
     with torch.no_grad():
         posterior, frames = whole.encode(video), whole.decode(latents)
-    assert frames.shape[2] == 33
+    assert frames.shape[2] == 1 + 4 * (latent_frames - 1)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert_close(got["mean"], posterior.mean, (0.0, 1e-4), f"rank {rank} mean")

@@ -57,25 +57,18 @@ class ContextParallel(FrameContext):
         lead = conv.kernel_size[0] - 1
         if lead == 0 or self.world == 1:
             return conv(x)[0]
-        halo = None
-        last = self.rank == self.world - 1
-        if x.shape[2] >= lead:
-            request = None if last else dist.isend(x[:, :, -lead:].contiguous(), self._peer(self.rank + 1),
-                                                   group=self.group)
-            if self.rank > 0:
-                halo = x.new_empty(*x.shape[:2], lead, *x.shape[3:])
-                dist.recv(halo, self._peer(self.rank - 1), group=self.group)
-            if request is not None:
-                request.wait()
-        else:  # fewer frames than the history: the tail to send includes received frames
-            if self.rank > 0:
-                halo = x.new_empty(*x.shape[:2], lead, *x.shape[3:])
-                dist.recv(halo, self._peer(self.rank - 1), group=self.group)
-            front = halo if halo is not None else x[:, :, :1].expand(-1, -1, lead, -1, -1)
-            if not last:
-                dist.send(torch.cat([front, x], dim=2)[:, :, -lead:].contiguous(), self._peer(self.rank + 1),
-                          group=self.group)
-        return conv(x, halo)[0]
+        last, halo, sending = self.rank == self.world - 1, None, None
+        if not last and x.shape[2] >= lead:  # the next rank's history is ours alone: send it while we wait
+            sending = dist.isend(x[:, :, -lead:].contiguous(), self._peer(self.rank + 1), group=self.group)
+        if self.rank > 0:
+            halo = x.new_empty(*x.shape[:2], lead, *x.shape[3:])
+            dist.recv(halo, self._peer(self.rank - 1), group=self.group)
+        y, history = conv(x, halo)  # history: the last kt-1 frames of [halo, x], what a chunk cache holds
+        if not last and sending is None:  # fewer frames than the history: it includes received frames
+            dist.send(history, self._peer(self.rank + 1), group=self.group)
+        if sending is not None:
+            sending.wait()
+        return y
 
     def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
