@@ -219,7 +219,9 @@ class Downsample3D(nn.Module):
 
 class Upsample3D(nn.Module):
     """Nearest 2× upsampling in space (and in time when compress_time, the first frame of an odd
-    count kept single), then a 3×3 conv per frame."""
+    count kept single), then a 3×3 conv per frame. The conv acts on each frame alone, so it runs
+    before the time doubling, on half the frames, and its output frames are repeated instead (the
+    same numbers as doubling first)."""
 
     def __init__(self, channels: int, compress_time: bool):
         super().__init__()
@@ -227,15 +229,15 @@ class Upsample3D(nn.Module):
         self.compress_time = compress_time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[2]
-        if self.compress_time and t > 1 and t % 2 == 1:
-            x = torch.cat([F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0)),
-                           F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2)
-        elif self.compress_time and t > 1:
-            x = F.interpolate(x, scale_factor=2.0)
-        else:
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0))
-        return _per_frame(self.conv, x)
+        y = causal_conv3d(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0)), self.conv.weight[:, :, None], self.conv.bias)
+        b, c, t, h, w = y.shape
+        if not self.compress_time or t == 1:
+            return y
+        single = t % 2  # an odd count keeps its first frame single (the causal layout)
+        out = y.new_empty(b, c, single + 2 * (t - single), h, w)
+        out[:, :, :single] = y[:, :, :single]
+        out[:, :, single:].view(b, c, t - single, 2, h, w).copy_(y[:, :, single:, None])
+        return out
 
 
 class Stage(nn.Module):

@@ -209,6 +209,201 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
   });
 }
 
+// ---- Winograd F(2×2, 3×3): the inference forward of 3×3-spatial convolutions ----
+// Each 2×2 output tile of a frame is Aᵀ [Σ_dt Σ_ci U_dt[co,ci] ⊙ V_dt[ci]] A, with V = Bᵀ d B the
+// transform of the 4×4 input patch d under the tile and U = G g Gᵀ the transform of each 3×3 tap
+// slice g: per tile 16 products per (co, ci, dt) instead of 36, so the GEMMs (one per transform
+// position ξ, M = C_out, K = C_in, N = tiles) do 4/9 of the direct kernel's work. Exact in exact
+// arithmetic; in fp32 the transforms add a few ulps (F(2,3)'s constants are 0, ±1, ±½).
+// The task layout is the direct kernel's: a band of tile rows × tile columns of one output frame,
+// its input band packed once per temporal tap (pack_band) and transformed into V.
+// Used where both channel counts are at least kWinogradMinChannels (below that the transforms
+// cost more than the products they save).
+constexpr int64_t kWinogradMinChannels = 16;
+
+bool winograd_applies(int64_t kh, int64_t kw, int64_t Cin, int64_t Cout) {
+  return kh == 3 && kw == 3 && Cin >= kWinogradMinChannels && Cout >= kWinogradMinChannels;
+}
+
+// U[s][ξ][co][ci] = (G g Gᵀ)[ξ] of g = weight[co, ci, s] (3×3) for s < kt, fp32; with `prefix`, also
+// slices kt + d - 1 = Σ_{s≤d} U[s] for d = 1..kt-1 (U is linear in g: the transform of summed taps).
+// G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]. Per output channel the (C_in, kt·9) weight block is transposed
+// into (kt·9, C_in) rows, so every step below is an elementwise loop over C_in (vectorised), and
+// the 16·slices result rows are copied out whole.
+template <typename scalar_t>
+at::Tensor winograd_weights(const at::Tensor& weight, bool prefix) {
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), kt = weight.size(2), taps = kt * 9;
+  const int64_t slices = prefix ? 2 * kt - 1 : kt;
+  at::Tensor u = at::empty({slices, 16, Cout, Cin}, weight.options().dtype(at::kFloat));
+  const at::Tensor w = weight.contiguous();
+  const scalar_t* src = w.data_ptr<scalar_t>();
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, Cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(taps * Cin), gg(12 * Cin), rows(slices * 16 * Cin);
+    for (int64_t co = begin; co < end; ++co) {
+      const scalar_t* block = src + co * Cin * taps;
+      for (int64_t ci = 0; ci < Cin; ++ci)
+        for (int64_t k = 0; k < taps; ++k) g[k * Cin + ci] = static_cast<float>(block[ci * taps + k]);
+      for (int64_t dt = 0; dt < kt; ++dt) {
+        // G g: rows r of column c into gg[(r * 3 + c) * Cin + ci]
+        for (int64_t c = 0; c < 3; ++c) {
+          const float *g0 = &g[(dt * 9 + c) * Cin], *g1 = g0 + 3 * Cin, *g2 = g0 + 6 * Cin;
+          float *o0 = &gg[c * Cin], *o1 = o0 + 3 * Cin, *o2 = o1 + 3 * Cin, *o3 = o2 + 3 * Cin;
+          for (int64_t ci = 0; ci < Cin; ++ci) {
+            o0[ci] = g0[ci], o1[ci] = 0.5f * (g0[ci] + g1[ci] + g2[ci]);
+            o2[ci] = 0.5f * (g0[ci] - g1[ci] + g2[ci]), o3[ci] = g2[ci];
+          }
+        }
+        // (G g) Gᵀ: row r, columns l
+        for (int64_t r = 0; r < 4; ++r) {
+          const float *a = &gg[(r * 3) * Cin], *b = a + Cin, *c = b + Cin;
+          float* o = &rows[(dt * 16 + r * 4) * Cin];
+          for (int64_t ci = 0; ci < Cin; ++ci) {
+            o[ci] = a[ci], o[Cin + ci] = 0.5f * (a[ci] + b[ci] + c[ci]);
+            o[2 * Cin + ci] = 0.5f * (a[ci] - b[ci] + c[ci]), o[3 * Cin + ci] = c[ci];
+          }
+        }
+        if (prefix && dt > 0) {
+          const float* before = &rows[(dt == 1 ? 0 : kt + dt - 2) * 16 * Cin];
+          const float* tap = &rows[dt * 16 * Cin];
+          float* sum = &rows[(kt + dt - 1) * 16 * Cin];
+          for (int64_t e = 0; e < 16 * Cin; ++e) sum[e] = before[e] + tap[e];
+        }
+      }
+      for (int64_t plane = 0; plane < slices * 16; ++plane)
+        std::copy(&rows[plane * Cin], &rows[plane * Cin] + Cin, dst + (plane * Cout + co) * Cin);
+    }
+  });
+  return u;
+}
+
+// V[ξ][c][i·tile_cols + j] = (Bᵀ d B)[ξ] of the 4×4 patch of channel c at band rows 2i.., columns
+// 2j..; Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. Row combinations first, over whole band rows
+// (contiguous, vectorised), then column combinations per tile.
+void winograd_input_transform(const float* band, int64_t C, int64_t band_plane, int64_t band_w, int64_t tile_rows,
+                              int64_t tile_cols, int64_t ld_v, float* v, float* scratch) {
+  const int64_t plane = C * ld_v;  // floats per ξ
+  float* s[4] = {scratch, scratch + band_w, scratch + 2 * band_w, scratch + 3 * band_w};
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < tile_rows; ++i) {
+      const float* r0 = band + c * band_plane + 2 * i * band_w;
+      const float *r1 = r0 + band_w, *r2 = r1 + band_w, *r3 = r2 + band_w;
+      for (int64_t x = 0; x < band_w; ++x) {
+        s[0][x] = r0[x] - r2[x], s[1][x] = r1[x] + r2[x], s[2][x] = r2[x] - r1[x], s[3][x] = r1[x] - r3[x];
+      }
+      for (int64_t k = 0; k < 4; ++k) {
+        const float* sk = s[k];
+        float* out = v + 4 * k * plane + c * ld_v + i * tile_cols;
+        for (int64_t j = 0; j < tile_cols; ++j) {
+          const float a = sk[2 * j], b = sk[2 * j + 1], d = sk[2 * j + 2], e = sk[2 * j + 3];
+          out[j] = a - d, out[plane + j] = b + d, out[2 * plane + j] = d - b, out[3 * plane + j] = b - e;
+        }
+      }
+    }
+}
+
+// y tile rows = Aᵀ M A + bias, Aᵀ = [1 1 1 0; 0 1 -1 -1]; stores output rows [oh0, oh0 + rows) ×
+// columns [ow0, ow0 + cols) of frame t (rows/cols may end mid-tile at odd extents).
+template <typename scalar_t>
+void winograd_output_transform(const float* m, int64_t Cout, int64_t ld_m, int64_t tile_rows, int64_t tile_cols,
+                               const float* bias, const Frames<scalar_t>& dst, int64_t b, int64_t t, int64_t oh0,
+                               int64_t ow0, int64_t rows, int64_t cols, float* scratch) {
+  const int64_t plane = Cout * ld_m;
+  float* y0 = scratch;                 // output row 2i, 2·tile_cols values
+  float* y1 = scratch + 2 * tile_cols;  // output row 2i + 1
+  for (int64_t co = 0; co < Cout; ++co)
+    for (int64_t i = 0; i < tile_rows; ++i) {
+      const float* p = m + co * ld_m + i * tile_cols;
+      for (int64_t j = 0; j < tile_cols; ++j) {
+        float a0[4], a1[4];
+        for (int64_t l = 0; l < 4; ++l) {
+          const float m0 = p[l * plane + j], m1 = p[(4 + l) * plane + j], m2 = p[(8 + l) * plane + j],
+                      m3 = p[(12 + l) * plane + j];
+          a0[l] = m0 + m1 + m2, a1[l] = m1 - m2 - m3;
+        }
+        y0[2 * j] = a0[0] + a0[1] + a0[2] + bias[co], y0[2 * j + 1] = a0[1] - a0[2] - a0[3] + bias[co];
+        y1[2 * j] = a1[0] + a1[1] + a1[2] + bias[co], y1[2 * j + 1] = a1[1] - a1[2] - a1[3] + bias[co];
+      }
+      for (int64_t r = 0; r < 2 && 2 * i + r < rows; ++r) {
+        const float* src = r == 0 ? y0 : y1;
+        scalar_t* d = const_cast<scalar_t*>(dst.row(b, t, oh0 + 2 * i + r)) + co * dst.sc + ow0 * dst.sw;
+        if (dst.sw == 1) {
+          for (int64_t o = 0; o < cols; ++o) d[o] = static_cast<scalar_t>(src[o]);
+        } else {
+          for (int64_t o = 0; o < cols; ++o) d[o * dst.sw] = static_cast<scalar_t>(src[o]);
+        }
+      }
+    }
+}
+
+template <typename scalar_t>
+void winograd_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                             const at::Tensor* halo, int64_t pad_h, int64_t pad_w, at::Tensor& y) {
+  const int64_t B = x.size(0), Cin = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t Cout = y.size(1), Ho = y.size(3), Wo = y.size(4), kt = weight.size(2);
+  const auto xs = frames_of<scalar_t>(x);
+  const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
+  const auto ys = frames_of<scalar_t>(y);
+  const bool has_halo = halo != nullptr;
+  // without a halo, output frame t < kt - 1 reads x[0] through taps 0..kt-1-t: one product with
+  // their summed transforms, as in the direct kernel
+  const bool prefix = !has_halo && kt > 1;
+  const at::Tensor u = winograd_weights<scalar_t>(weight, prefix);
+  const float* u_data = u.data_ptr<float>();
+  std::vector<float> bias_f(Cout, 0.f);
+  if (bias) {
+    auto bf = bias->to(at::kFloat).contiguous();
+    std::copy(bf.data_ptr<float>(), bf.data_ptr<float>() + Cout, bias_f.begin());
+  }
+  // Tiles of 2×2 output pixels; a task takes tile rows × up to kMaxTileCols tile columns of one frame,
+  // about kTargetTiles in all (the GEMMs' N); fewer at wide channel counts so V and M (16 · C · N
+  // floats each) stay near the L2 size.
+  constexpr int64_t kMaxTileCols = 64;
+  const int64_t target_tiles = std::clamp<int64_t>(32768 / std::max(Cin, Cout), 32, 256);
+  const int64_t all_tile_rows = (Ho + 1) / 2, all_tile_cols = (Wo + 1) / 2;
+  const int64_t col_blocks = (all_tile_cols + kMaxTileCols - 1) / kMaxTileCols;
+  const int64_t tile_cols = (all_tile_cols + col_blocks - 1) / col_blocks;
+  const int64_t max_rows = std::clamp<int64_t>(target_tiles / tile_cols, 1, all_tile_rows);
+  const int64_t threads = at::get_num_threads();
+  int64_t tile_rows = 1;
+  double best_cost = 1e300;
+  for (int64_t rows = 1; rows <= max_rows; ++rows) {  // fewest tile rows per thread, ties → taller
+    const int64_t tasks = B * T * col_blocks * ((all_tile_rows + rows - 1) / rows);
+    const double cost = double((tasks + threads - 1) / threads) * (double(rows) + 0.25);
+    if (cost <= best_cost) best_cost = cost, tile_rows = rows;
+  }
+  const int64_t row_blocks = (all_tile_rows + tile_rows - 1) / tile_rows;
+  const int64_t band_w = 2 * tile_cols + 2, band_plane = (2 * tile_rows + 2) * band_w;
+  const int64_t ld = tile_rows * tile_cols;  // N of a full task
+  const int64_t tasks_per_frame = row_blocks * col_blocks;
+
+  at::parallel_for(0, B * T * tasks_per_frame, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> band(Cin * band_plane), v(16 * Cin * ld), m(16 * Cout * ld), scratch(4 * band_w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % tasks_per_frame, t = (task / tasks_per_frame) % T, b = task / (tasks_per_frame * T);
+      const int64_t tr0 = (block / col_blocks) * tile_rows, tc0 = (block % col_blocks) * tile_cols;
+      const int64_t trs = std::min(tile_rows, all_tile_rows - tr0), tcs = std::min(tile_cols, all_tile_cols - tc0);
+      const int64_t oh0 = 2 * tr0, ow0 = 2 * tc0;
+      std::fill(m.begin(), m.end(), 0.f);
+      const int64_t first_dt = has_halo ? 0 : std::max<int64_t>(0, kt - 1 - t);
+      for (int64_t dt = first_dt; dt < kt; ++dt) {
+        const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, has_halo);
+        pack_band(src.from_halo ? hs : xs, b, src.index, Cin, cc::input_coord(oh0, 0, pad_h),
+                  cc::input_coord(ow0, 0, pad_w), 2 * trs + 2, band_w, band_plane, H, W, band.data());
+        winograd_input_transform(band.data(), Cin, band_plane, band_w, trs, tcs, ld, v.data(), scratch.data());
+        const int64_t slice = prefix && dt == first_dt && dt > 0 ? kt + dt - 1 : dt;
+        const float* u_dt = u_data + slice * 16 * Cout * Cin;
+        for (int64_t xi = 0; xi < 16; ++xi)
+          gemm_acc(Cout, trs * tcs, Cin, u_dt + xi * Cout * Cin, Cin, v.data() + xi * Cin * ld, ld,
+                   m.data() + xi * Cout * ld, ld);
+      }
+      winograd_output_transform(m.data(), Cout, ld, trs, tcs, bias_f.data(), ys, b, t, oh0, ow0,
+                                std::min(2 * trs, Ho - oh0), std::min(2 * tcs, Wo - ow0), scratch.data());
+    }
+    gemm_release();
+  });
+}
+
 // Gradient of the time-padded input folded onto the stored frames: a task owns a tile of one stored
 // frame (halo or x) and sums over every padded frame that reads it, so each element is written once.
 // grad[b, :, s, tile] = Σ_j Σ_dt Σ_(dh,dw) W_tapᵀ (C_in × C_out) · band shifted by (kh-1-dh, kw-1-dw),
@@ -347,6 +542,12 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
+  if (winograd_applies(kh, kw, x.size(1), weight.size(0))) {
+    COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
+      winograd_forward_kernel<scalar_t>(x, weight, bias ? &*bias : nullptr, halo ? &*halo : nullptr, pad_h, pad_w, y);
+    });
+    return y;
+  }
   const at::Tensor w_packed = weight.permute({2, 3, 4, 0, 1}).to(at::kFloat).contiguous();
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
     forward_kernel<scalar_t>(x, w_packed, bias ? &*bias : nullptr, halo ? &*halo : nullptr, kt, kh, kw,
