@@ -30,14 +30,17 @@ CASES = [
     (1, 3, 4, 2, 6, 6, (3, 3, 3), (0, 0), True, "contiguous"),  # valid spatial conv
     (1, 2, 3, 2, 5, 8, (3, 5, 3), (2, 1), False, "contiguous"),
     (1, 16, 24, 3, 12, 20, (3, 3, 3), None, True, "contiguous"),
-    # large enough for the CPU kernel's brgemm path (not its small-product loop)
     (1, 32, 48, 2, 13, 30, (3, 3, 3), None, True, "contiguous"),
+    # few pixels for many channels: the CPU kernel's direct path (not Winograd) with its brgemm
+    # products (not the small-product loop)
+    (1, 128, 96, 1, 6, 9, (3, 3, 3), None, False, "contiguous"),
     (1, 64, 48, 2, 16, 24, (2, 1, 1), None, True, "contiguous"),  # 1×1 spatial
-    # the CPU forward's Winograd path (3×3 spatial, ≥ 16 channels): first frames without a halo
+    # the CPU forward's Winograd path (3×3 spatial, ≥ 16 channels, B·T·H·W ≥ 2·channels): first
+    # frames without a halo
     # (summed tap transforms), odd extents ending mid-tile, two tile-column blocks, kt 1 and 2,
     # uneven padding, strided layouts
     (2, 16, 16, 2, 9, 11, (3, 3, 3), None, False, "contiguous"),
-    (1, 16, 20, 1, 5, 7, (3, 3, 3), None, False, "contiguous"),
+    (1, 16, 20, 1, 5, 9, (3, 3, 3), None, False, "contiguous"),
     (1, 16, 17, 3, 7, 133, (3, 3, 3), None, True, "channels_last"),
     (1, 20, 16, 3, 8, 9, (1, 3, 3), None, False, "time_slice"),
     (1, 16, 16, 4, 6, 7, (2, 3, 3), (0, 2), True, "contiguous"),

@@ -197,7 +197,8 @@ class ResnetBlock3D(nn.Module):
 
 class Downsample3D(nn.Module):
     """Optional 2× time compression (keep the first frame of an odd count, average the rest in
-    pairs), then a stride-2 3×3 conv per frame with zero padding on the bottom/right."""
+    pairs), then a stride-2 3×3 conv per frame with zero padding on the bottom/right. The frames
+    are written straight into the padded tensor the conv reads (no transposed or concatenated copy)."""
 
     def __init__(self, channels: int, compress_time: bool):
         super().__init__()
@@ -205,16 +206,15 @@ class Downsample3D(nn.Module):
         self.compress_time = compress_time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compress_time:
-            b, c, t, h, w = x.shape
-            frames = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, t)
-            if t % 2 == 1:
-                rest = F.avg_pool1d(frames[..., 1:], 2, 2) if t > 1 else frames[..., 1:]
-                frames = torch.cat([frames[..., :1], rest], dim=-1)
-            else:
-                frames = F.avg_pool1d(frames, 2, 2)
-            x = frames.reshape(b, h, w, c, -1).permute(0, 3, 4, 1, 2)
-        return _per_frame(self.conv, F.pad(x, (0, 1, 0, 1)))
+        b, c, t, h, w = x.shape
+        keep = t % 2 if self.compress_time else t  # frames passed on as they are
+        padded = x.new_empty(b, c, keep + (t - keep) // 2, h + 1, w + 1)
+        padded[:, :, :, h].zero_()
+        padded[:, :, :, :h, w].zero_()
+        padded[:, :, :keep, :h, :w] = x[:, :, :keep]
+        if keep < t:
+            padded[:, :, keep:, :h, :w] = F.avg_pool3d(x[:, :, keep:], (2, 1, 1))
+        return _per_frame(self.conv, padded)
 
 
 class Upsample3D(nn.Module):

@@ -158,23 +158,65 @@ void store_tile(const float* tile, int64_t ld_tile, int64_t band_w, int64_t C, i
     }
 }
 
+// The forward's weights as fp32 (C_out × C_in) matrices, one per plane of each temporal tap:
+// u[s][plane][co][ci]. Slices s < kt hold tap dt = s; with `prefix`, slices kt + d - 1 hold the sum
+// over dt ≤ d (d = 1..kt-1): without a halo the first frame stands in for the kt - 1 frames before
+// it, so output frame t < kt - 1 reads x[0] through taps 0..kt-1-t, one product with their sum.
+// `transform(g, Cin, out)` maps the kh·kw rows g[k][ci] of one temporal tap to `planes` rows out:
+// the taps themselves for the direct kernel, their Winograd transforms for the other. Per output
+// channel the weight block is read once through its strides and transposed to rows over C_in, so
+// each step is an elementwise loop over C_in (vectorised) and the result rows are copied out whole
+// (a permuted ATen copy, or 4-byte writes scattered over the planes, ran at a fraction of that).
+template <typename scalar_t, typename Transform>
+at::Tensor pack_weights(const at::Tensor& weight, bool prefix, int64_t planes, const Transform& transform) {
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), kt = weight.size(2), kh = weight.size(3),
+                kw = weight.size(4), taps = kh * kw;
+  const int64_t slices = prefix ? 2 * kt - 1 : kt;
+  at::Tensor u = at::empty({slices, planes, Cout, Cin}, weight.options().dtype(at::kFloat));
+  const scalar_t* src = weight.data_ptr<scalar_t>();
+  std::vector<int64_t> tap_offset(kt * taps);  // element offset of tap (dt, dh, dw) in a (co, ci) block
+  for (int64_t dt = 0; dt < kt; ++dt)
+    for (int64_t k = 0; k < taps; ++k)
+      tap_offset[dt * taps + k] = dt * weight.stride(2) + (k / kw) * weight.stride(3) + (k % kw) * weight.stride(4);
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, Cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(kt * taps * Cin), rows(slices * planes * Cin);
+    for (int64_t co = begin; co < end; ++co) {
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        const scalar_t* block = src + co * weight.stride(0) + ci * weight.stride(1);
+        for (int64_t k = 0; k < kt * taps; ++k) g[k * Cin + ci] = static_cast<float>(block[tap_offset[k]]);
+      }
+      for (int64_t dt = 0; dt < kt; ++dt) {
+        float* out = &rows[dt * planes * Cin];
+        transform(&g[dt * taps * Cin], Cin, out);
+        if (prefix && dt > 0) {
+          const float* before = &rows[(dt == 1 ? 0 : kt + dt - 2) * planes * Cin];
+          float* sum = &rows[(kt + dt - 1) * planes * Cin];
+          for (int64_t e = 0; e < planes * Cin; ++e) sum[e] = before[e] + out[e];
+        }
+      }
+      for (int64_t plane = 0; plane < slices * planes; ++plane)
+        std::copy(&rows[plane * Cin], &rows[plane * Cin] + Cin, dst + (plane * Cout + co) * Cin);
+    }
+  });
+  return u;
+}
+
 // y[b, :, t, tile] = bias + Σ_dt Σ_(dh,dw) W_tap (C_out × C_in) · band_dt shifted by (dh, dw).
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor* bias,
-                    const at::Tensor* halo, int64_t kt, int64_t kh, int64_t kw, int64_t pad_h,
-                    int64_t pad_w, at::Tensor& y) {
+void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                    const at::Tensor* halo, int64_t pad_h, int64_t pad_w, at::Tensor& y) {
+  const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const int64_t B = x.size(0), Cin = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t Cout = y.size(1), Ho = y.size(3), Wo = y.size(4);
   const auto xs = frames_of<scalar_t>(x);
   const auto hs = halo ? frames_of<scalar_t>(*halo) : xs;
   const auto ys = frames_of<scalar_t>(y);
-  const float* wp = w_packed.data_ptr<float>();  // (kt, kh, kw, Cout, Cin): one contiguous matrix per tap
-  const bool has_halo = halo != nullptr;
-  // Without a halo the first frame stands in for the kt - 1 frames before it, so output frame
-  // t < kt - 1 reads x[0] through temporal taps 0..kt-1-t: one product with their summed weights
-  // (prefix sums over dt) instead of kt - t (a third fewer GEMMs for T = 3).
-  const at::Tensor w_prefix = has_halo || kt == 1 ? w_packed : w_packed.cumsum(0);
-  const float* wp_prefix = w_prefix.data_ptr<float>();
+  const bool has_halo = halo != nullptr, prefix = !has_halo && kt > 1;
+  const int64_t taps = kh * kw;
+  const at::Tensor w_packed = pack_weights<scalar_t>(
+      weight, prefix, taps, [taps](const float* g, int64_t Cin, float* out) { std::copy(g, g + taps * Cin, out); });
+  const float* wp = w_packed.data_ptr<float>();  // [slice][tap][co][ci]: one contiguous matrix per tap
   std::vector<float> bias_f(Cout, 0.f);
   if (bias) {
     auto bf = bias->to(at::kFloat).contiguous();
@@ -198,7 +240,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
         const cc::FrameSource src = cc::padded_frame_source(t + dt, kt, has_halo);
         pack_band(src.from_halo ? hs : xs, b, src.index, Cin, cc::input_coord(oh0, 0, pad_h),
                   cc::input_coord(ow0, 0, pad_w), rows + kh - 1, band_w, band_plane, H, W, band.data());
-        const float* w_dt = (dt == first_dt ? wp_prefix : wp) + dt * kh * kw * Cout * Cin;
+        const int64_t slice = prefix && dt == first_dt && dt > 0 ? kt + dt - 1 : dt;
+        const float* w_dt = wp + slice * taps * Cout * Cin;
         for (int64_t tap = 0; tap < kh * kw; ++tap)
           gemm_acc(Cout, N, Cin, w_dt + tap * Cout * Cin, Cin, band.data() + (tap / kw) * band_w + tap % kw,
                    band_plane, out.data(), ld_out);
@@ -218,63 +261,36 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w_packed, const at::T
 // The task layout is the direct kernel's: a band of tile rows × tile columns of one output frame,
 // its input band packed once per temporal tap (pack_band) and transformed into V.
 // Used where both channel counts are at least kWinogradMinChannels (below that the transforms
-// cost more than the products they save).
+// cost more than the products they save) and the call computes at least 2·max(C_in, C_out) output
+// pixels (B·T·H·W): the weight transform is a per-call cost; measured on this CPU at 512 channels,
+// direct wins at ≤ 200 pixels per call (the VAE's small spatial tiles), Winograd from ~1000.
 constexpr int64_t kWinogradMinChannels = 16;
 
-bool winograd_applies(int64_t kh, int64_t kw, int64_t Cin, int64_t Cout) {
-  return kh == 3 && kw == 3 && Cin >= kWinogradMinChannels && Cout >= kWinogradMinChannels;
+bool winograd_applies(int64_t kh, int64_t kw, int64_t Cin, int64_t Cout, int64_t output_pixels) {
+  return kh == 3 && kw == 3 && Cin >= kWinogradMinChannels && Cout >= kWinogradMinChannels &&
+         output_pixels >= 2 * std::max(Cin, Cout);
 }
 
-// U[s][ξ][co][ci] = (G g Gᵀ)[ξ] of g = weight[co, ci, s] (3×3) for s < kt, fp32; with `prefix`, also
-// slices kt + d - 1 = Σ_{s≤d} U[s] for d = 1..kt-1 (U is linear in g: the transform of summed taps).
-// G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]. Per output channel the (C_in, kt·9) weight block is transposed
-// into (kt·9, C_in) rows, so every step below is an elementwise loop over C_in (vectorised), and
-// the 16·slices result rows are copied out whole.
-template <typename scalar_t>
-at::Tensor winograd_weights(const at::Tensor& weight, bool prefix) {
-  const int64_t Cout = weight.size(0), Cin = weight.size(1), kt = weight.size(2), taps = kt * 9;
-  const int64_t slices = prefix ? 2 * kt - 1 : kt;
-  at::Tensor u = at::empty({slices, 16, Cout, Cin}, weight.options().dtype(at::kFloat));
-  const at::Tensor w = weight.contiguous();
-  const scalar_t* src = w.data_ptr<scalar_t>();
-  float* dst = u.data_ptr<float>();
-  at::parallel_for(0, Cout, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> g(taps * Cin), gg(12 * Cin), rows(slices * 16 * Cin);
-    for (int64_t co = begin; co < end; ++co) {
-      const scalar_t* block = src + co * Cin * taps;
-      for (int64_t ci = 0; ci < Cin; ++ci)
-        for (int64_t k = 0; k < taps; ++k) g[k * Cin + ci] = static_cast<float>(block[ci * taps + k]);
-      for (int64_t dt = 0; dt < kt; ++dt) {
-        // G g: rows r of column c into gg[(r * 3 + c) * Cin + ci]
-        for (int64_t c = 0; c < 3; ++c) {
-          const float *g0 = &g[(dt * 9 + c) * Cin], *g1 = g0 + 3 * Cin, *g2 = g0 + 6 * Cin;
-          float *o0 = &gg[c * Cin], *o1 = o0 + 3 * Cin, *o2 = o1 + 3 * Cin, *o3 = o2 + 3 * Cin;
-          for (int64_t ci = 0; ci < Cin; ++ci) {
-            o0[ci] = g0[ci], o1[ci] = 0.5f * (g0[ci] + g1[ci] + g2[ci]);
-            o2[ci] = 0.5f * (g0[ci] - g1[ci] + g2[ci]), o3[ci] = g2[ci];
-          }
-        }
-        // (G g) Gᵀ: row r, columns l
-        for (int64_t r = 0; r < 4; ++r) {
-          const float *a = &gg[(r * 3) * Cin], *b = a + Cin, *c = b + Cin;
-          float* o = &rows[(dt * 16 + r * 4) * Cin];
-          for (int64_t ci = 0; ci < Cin; ++ci) {
-            o[ci] = a[ci], o[Cin + ci] = 0.5f * (a[ci] + b[ci] + c[ci]);
-            o[2 * Cin + ci] = 0.5f * (a[ci] - b[ci] + c[ci]), o[3 * Cin + ci] = c[ci];
-          }
-        }
-        if (prefix && dt > 0) {
-          const float* before = &rows[(dt == 1 ? 0 : kt + dt - 2) * 16 * Cin];
-          const float* tap = &rows[dt * 16 * Cin];
-          float* sum = &rows[(kt + dt - 1) * 16 * Cin];
-          for (int64_t e = 0; e < 16 * Cin; ++e) sum[e] = before[e] + tap[e];
-        }
-      }
-      for (int64_t plane = 0; plane < slices * 16; ++plane)
-        std::copy(&rows[plane * Cin], &rows[plane * Cin] + Cin, dst + (plane * Cout + co) * Cin);
+// U[ξ][co][ci] = (G g Gᵀ)[ξ] of each 3×3 tap slice g, G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]: the
+// Winograd transform given to pack_weights (rows g[k][ci], k = 3·row + column; 16 rows out).
+void winograd_transform_taps(const float* g, int64_t Cin, float* out) {
+  std::vector<float> gg(12 * Cin);  // G g: gg[(r·3 + c)][ci], row r of column c
+  for (int64_t c = 0; c < 3; ++c) {
+    const float *g0 = g + c * Cin, *g1 = g0 + 3 * Cin, *g2 = g0 + 6 * Cin;
+    float *o0 = &gg[c * Cin], *o1 = o0 + 3 * Cin, *o2 = o1 + 3 * Cin, *o3 = o2 + 3 * Cin;
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      o0[ci] = g0[ci], o1[ci] = 0.5f * (g0[ci] + g1[ci] + g2[ci]);
+      o2[ci] = 0.5f * (g0[ci] - g1[ci] + g2[ci]), o3[ci] = g2[ci];
     }
-  });
-  return u;
+  }
+  for (int64_t r = 0; r < 4; ++r) {  // (G g) Gᵀ: row r, columns l
+    const float *a = &gg[(r * 3) * Cin], *b = a + Cin, *c = b + Cin;
+    float* o = out + r * 4 * Cin;
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      o[ci] = a[ci], o[Cin + ci] = 0.5f * (a[ci] + b[ci] + c[ci]);
+      o[2 * Cin + ci] = 0.5f * (a[ci] - b[ci] + c[ci]), o[3 * Cin + ci] = c[ci];
+    }
+  }
 }
 
 // V[ξ][c][i·tile_cols + j] = (Bᵀ d B)[ξ] of the 4×4 patch of channel c at band rows 2i.., columns
@@ -348,7 +364,7 @@ void winograd_forward_kernel(const at::Tensor& x, const at::Tensor& weight, cons
   // without a halo, output frame t < kt - 1 reads x[0] through taps 0..kt-1-t: one product with
   // their summed transforms, as in the direct kernel
   const bool prefix = !has_halo && kt > 1;
-  const at::Tensor u = winograd_weights<scalar_t>(weight, prefix);
+  const at::Tensor u = pack_weights<scalar_t>(weight, prefix, 16, winograd_transform_taps);
   const float* u_data = u.data_ptr<float>();
   std::vector<float> bias_f(Cout, 0.f);
   if (bias) {
@@ -542,16 +558,14 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  if (winograd_applies(kh, kw, x.size(1), weight.size(0))) {
+  if (winograd_applies(kh, kw, x.size(1), weight.size(0), y.numel() / y.size(1))) {
     COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
       winograd_forward_kernel<scalar_t>(x, weight, bias ? &*bias : nullptr, halo ? &*halo : nullptr, pad_h, pad_w, y);
     });
     return y;
   }
-  const at::Tensor w_packed = weight.permute({2, 3, 4, 0, 1}).to(at::kFloat).contiguous();
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
-    forward_kernel<scalar_t>(x, w_packed, bias ? &*bias : nullptr, halo ? &*halo : nullptr, kt, kh, kw,
-                             pad_h, pad_w, y);
+    forward_kernel<scalar_t>(x, weight, bias ? &*bias : nullptr, halo ? &*halo : nullptr, pad_h, pad_w, y);
   });
   return y;
 }
