@@ -15,6 +15,10 @@
 // frames would still need a concatenated copy, and oneDNN would re-layout the activation anyway.
 // The backward uses the same tiles and band: grad x is the same product with grad_out as the band
 // and the taps mirrored, grad W takes the band as its left operand.
+// The forward of 3×3-spatial convs with enough channels and pixels per call runs Winograd
+// F(2×2, 3×3) instead (see winograd_forward_kernel): the same tasks and bands, transformed, with
+// 16 products per 2×2 output tile where the direct kernel does 36 (measured 1.4–2.0× the direct
+// kernel at the VAE's 128–512-channel shapes on this CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
