@@ -189,7 +189,8 @@ class ResnetBlock3D(nn.Module):
     def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()  # inference: activations overwrite the fresh norm outputs
         h = ctx.conv(self.conv1, F.silu(self._norm(self.norm1, x, zq, ctx), inplace=inplace))
-        h = ctx.conv(self.conv2, F.silu(self._norm(self.norm2, h, zq, ctx), inplace=inplace))
+        h = F.silu(self._norm(self.norm2, h, zq, ctx), inplace=inplace)  # conv1's output freed here,
+        h = ctx.conv(self.conv2, h)  # not held while conv2 allocates its own
         shortcut = x if self.conv_shortcut is None else causal_conv3d(x, self.conv_shortcut.weight,
                                                                       self.conv_shortcut.bias)
         return h.add_(shortcut) if inplace else h + shortcut
@@ -255,12 +256,19 @@ class Stage(nn.Module):
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample3D(out_channels, compress_time)])
 
-    def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, ctx, zq)
-        for resampler in [*getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]:
-            x = resampler(x)
-        return x
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]
+
+
+def _through_stages(stages: list[Stage], x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None):
+    """x through every layer of the stages in order. A layer at a time (not Stage modules calling
+    their layers): a module call holds its input until it returns, so a stage's input would stay
+    alive through all its ResNet blocks (a full-resolution activation in the first encoder stage and
+    the last decoder stage). Callers pass a temporary, not a variable they keep."""
+    for stage in stages:
+        for layer in stage.layers():
+            x = layer(x, ctx, zq) if isinstance(layer, ResnetBlock3D) else layer(x)
+    return x
 
 
 class Encoder3D(nn.Module):
@@ -279,12 +287,10 @@ class Encoder3D(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = CausalConv3d(ch[-1], 2 * c.latent_channels, 3)
 
-    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        x = ctx.conv(self.conv_in, x)
-        for block in self.down_blocks:
-            x = block(x, ctx)
-        x = self.mid_block(x, ctx)
-        return ctx.conv(self.conv_out, F.silu(ctx.group_norm(self.norm_out, x)))
+    def forward(self, video: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        x = _through_stages([*self.down_blocks, self.mid_block], ctx.conv(self.conv_in, video), ctx)
+        x = ctx.group_norm(self.norm_out, x)
+        return ctx.conv(self.conv_out, F.silu(x, inplace=not torch.is_grad_enabled()))
 
 
 class Decoder3D(nn.Module):
@@ -305,10 +311,9 @@ class Decoder3D(nn.Module):
         self.conv_out = CausalConv3d(ch[-1], c.out_channels, 3)
 
     def forward(self, z: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        x = self.mid_block(ctx.conv(self.conv_in, z), ctx, z)
-        for block in self.up_blocks:
-            x = block(x, ctx, z)
-        return ctx.conv(self.conv_out, F.silu(self.norm_out(x, z, ctx)))
+        x = _through_stages([self.mid_block, *self.up_blocks], ctx.conv(self.conv_in, z), ctx, z)
+        x = self.norm_out(x, z, ctx)
+        return ctx.conv(self.conv_out, F.silu(x, inplace=not torch.is_grad_enabled()))
 
 
 def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:

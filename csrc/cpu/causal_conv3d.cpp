@@ -256,7 +256,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   });
 }
 
-// ---- Winograd F(2×2, 3×3): the inference forward of 3×3-spatial convolutions ----
+// ---- Winograd F(2×2, 3×3): the forward of 3×3-spatial convolutions ----
 // Each 2×2 output tile of a frame is Aᵀ [Σ_dt Σ_ci U_dt[co,ci] ⊙ V_dt[ci]] A, with V = Bᵀ d B the
 // transform of the 4×4 input patch d under the tile and U = G g Gᵀ the transform of each 3×3 tap
 // slice g: per tile 16 products per (co, ci, dt) instead of 36, so the GEMMs (one per transform
