@@ -3,7 +3,7 @@
 The interface every op module of `benchmarks/` provides (run.py relies on nothing else):
 
     OP                                     the op's name in the cogvx_kernels registry
-    shape_set(device, quick, tiny) -> str  what the shapes are (real model shapes or scaled down)
+    SHAPE_SETS = {"cuda": str, "cpu": str} what the shapes are on each device (real or scaled down)
     shapes(device, quick, tiny=False)      list of shape dicts (JSON-serialisable)
     label(shape) -> str                    short text for tables and plots
     make_inputs(shape, device, dtype, backward, seed=0) -> dict
@@ -57,17 +57,12 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return out
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        text = ("real CogVideoX VAE decoder shapes, 480x720 video (512ch@60x90, 512ch@120x180, "
-                "256ch@240x360, 128ch@480x720; T=3 with halo, T=9 without)")
-    else:
-        text = ("scaled-down CPU set, NOT the model's shapes (128ch@30x45, 128ch@60x90, 64ch@120x180; "
-                "T=2 with halo, T=3 without)")
-    return text + (" [quick subset]" if quick else "")
-
+SHAPE_SETS = {
+    "cuda": ("real CogVideoX VAE decoder shapes, 480x720 video (512ch@60x90, 512ch@120x180, "
+             "256ch@240x360, 128ch@480x720; T=3 with halo, T=9 without)"),
+    "cpu": ("scaled-down CPU set, NOT the model's shapes (128ch@30x45, 128ch@60x90, 64ch@120x180; "
+            "T=2 with halo, T=3 without)"),
+}
 
 def label(shape: dict) -> str:
     s = shape

@@ -39,15 +39,10 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return chosen[-1:] if quick else list(chosen)
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        text = "real CogVideoX shapes: B 2 (CFG), 226 + 13x30x45 = 17,776 tokens, 2B 30 heads / 5B 48 heads x 64"
-    else:
-        text = "scaled-down CPU set, NOT the model's shape: 4 heads x 64, 886 tokens; 2 heads, 2206 tokens"
-    return text + (" [quick subset]" if quick else "")
-
+SHAPE_SETS = {
+    "cuda": "real CogVideoX shapes: B 2 (CFG), 226 + 13x30x45 = 17,776 tokens, 2B 30 heads / 5B 48 heads x 64",
+    "cpu": "scaled-down CPU set, NOT the model's shape: 4 heads x 64, 886 tokens; 2 heads, 2206 tokens",
+}
 
 def label(shape: dict) -> str:
     s = shape

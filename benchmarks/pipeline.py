@@ -49,16 +49,11 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return chosen[:1] if quick and torch.device(device).type == "cuda" else chosen[-1:] if quick else list(chosen)
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        text = f"real CogVideoX 2B / 5B at 49x480x720, {STEPS} DPM steps with CFG, random weights and embeddings"
-    else:
-        text = (f"scaled-down CPU set, NOT the model's size: the embedded tiny model, and real widths with 2 "
-                f"layers at 9x128x128; {STEPS} DPM steps with CFG")
-    return text + (" [quick subset]" if quick else "")
-
+SHAPE_SETS = {
+    "cuda": f"real CogVideoX 2B / 5B at 49x480x720, {STEPS} DPM steps with CFG, random weights and embeddings",
+    "cpu": (f"scaled-down CPU set, NOT the model's size: the embedded tiny model, and real widths with 2 "
+            f"layers at 9x128x128; {STEPS} DPM steps with CFG"),
+}
 
 def label(shape: dict) -> str:
     return f"{shape['model']} {shape['F']}x{shape['H']}x{shape['W']}"

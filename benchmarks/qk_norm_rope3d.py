@@ -7,7 +7,7 @@ import torch
 
 import cogvx_kernels
 
-from .rope3d import _positions, label, make_inputs, shape_set, shapes, tokens  # noqa: F401  (same shapes)
+from .rope3d import SHAPE_SETS, _positions, label, make_inputs, shapes, tokens  # noqa: F401  (same shapes)
 
 OP = "qk_norm_rope3d"
 

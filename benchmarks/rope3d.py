@@ -22,13 +22,10 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return list(_GPU if torch.device(device).type == "cuda" else _CPU)
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        return "real CogVideoX-5B shape: B 2 (CFG), 48 heads x 64, 226 + 13x30x45 tokens"
-    return "scaled-down CPU set, NOT the model's shape: 8 heads x 64, 226 + 7x15x22 tokens"
-
+SHAPE_SETS = {
+    "cuda": "real CogVideoX-5B shape: B 2 (CFG), 48 heads x 64, 226 + 13x30x45 tokens",
+    "cpu": "scaled-down CPU set, NOT the model's shape: 8 heads x 64, 226 + 7x15x22 tokens",
+}
 
 def label(shape: dict) -> str:
     s = shape

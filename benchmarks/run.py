@@ -152,6 +152,13 @@ def _extension_build() -> dict | None:
     return dict(file=os.path.relpath(path, ROOT), mtime=mtime, sha256_16=digest)
 
 
+def shape_set(mod, device, quick: bool, tiny: bool) -> str:
+    """What a module's shapes are on this device (its SHAPE_SETS), or that they are the tiny test set."""
+    if tiny:
+        return "tiny (test only; not a performance measurement)"
+    return mod.SHAPE_SETS[torch.device(device).type] + (" [quick subset]" if quick else "")
+
+
 def header(args, device: torch.device, dtype: torch.dtype, shape_sets: dict) -> dict:
     try:
         import triton
@@ -403,7 +410,7 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
     backends, skipped = plan_backends(op, device, dtype, args.backend)
     shapes = mod.shapes(device, args.quick, tiny=args.tiny)
     modes = list(MODES if args.backward and not getattr(mod, "INFERENCE_ONLY", False) else MODES[:1])
-    print(f"\n== {op}: {mod.shape_set(device, args.quick, args.tiny)}")
+    print(f"\n== {op}: {shape_set(mod, device, args.quick, args.tiny)}")
     print(f"   timing: {', '.join(backends)}")
     for backend, reason in skipped:
         print(f"   skipped {backend}: {reason}")
@@ -601,7 +608,7 @@ def main(argv=None) -> int:
     for op in sorted(registered - set(BENCHMARKS)):
         print(f"note: {op} has no benchmark module (add benchmarks/{op}.py and list it in BENCHMARKS)")
 
-    shape_sets = {op: load_module(op).shape_set(device, args.quick, args.tiny) for op in ops}
+    shape_sets = {op: shape_set(load_module(op), device, args.quick, args.tiny) for op in ops}
     head = header(args, device, dtype, shape_sets)
     where = head["gpu"] or head["machine"]["cpu_model"]
     print(f"cogvx_kernels benchmark: {device.type} ({where}), {head['dtype']}, "

@@ -52,17 +52,12 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return [chosen[1], chosen[3]] if quick else list(chosen)  # quick: the 5B block and forward
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        text = ("real CogVideoX shapes: B 2 (CFG), 226 + 13x30x45 = 17,776 tokens; one block and the whole model "
-                "(2B 30 layers x 30 heads, 5B 42 layers x 48 heads, head dim 64), random weights")
-    else:
-        text = ("scaled-down CPU set, NOT the model's shape: real widths (2B 1920, 5B 3072), B 1, "
-                "226 + 2x12x18 = 658 tokens; one block, and a 2-layer model loaded from a diffusers folder")
-    return text + (" [quick subset]" if quick else "")
-
+SHAPE_SETS = {
+    "cuda": ("real CogVideoX shapes: B 2 (CFG), 226 + 13x30x45 = 17,776 tokens; one block and the whole model "
+             "(2B 30 layers x 30 heads, 5B 42 layers x 48 heads, head dim 64), random weights"),
+    "cpu": ("scaled-down CPU set, NOT the model's shape: real widths (2B 1920, 5B 3072), B 1, "
+            "226 + 2x12x18 = 658 tokens; one block, and a 2-layer model loaded from a diffusers folder"),
+}
 
 def label(shape: dict) -> str:
     s = shape

@@ -41,15 +41,10 @@ def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
     return chosen[:1] if quick else list(chosen)
 
 
-def shape_set(device, quick: bool, tiny: bool = False) -> str:
-    if tiny:
-        return "tiny (test only; not a performance measurement)"
-    if torch.device(device).type == "cuda":
-        text = "real size: 49 frames at 480x720 (13 latent frames 60x90), real channels, random weights"
-    else:
-        text = "scaled-down CPU set, NOT the model's size: 17 frames at 128x128 (5 latent frames), real channels"
-    return text + (" [quick subset]" if quick else "")
-
+SHAPE_SETS = {
+    "cuda": "real size: 49 frames at 480x720 (13 latent frames 60x90), real channels, random weights",
+    "cpu": "scaled-down CPU set, NOT the model's size: 17 frames at 128x128 (5 latent frames), real channels",
+}
 
 def label(shape: dict) -> str:
     tiles = f" tiles {shape['tile'][0]}x{shape['tile'][1]}" if shape.get("tile") else ""

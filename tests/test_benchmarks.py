@@ -123,7 +123,9 @@ def test_shape_sets(device):
         assert {(s["C_in"], s["H"], s["W"]) for s in full} == {
             (512, 60, 90), (512, 120, 180), (256, 240, 360), (128, 480, 720)}
     else:
-        assert "scaled-down" in bench.shape_set(device, quick=False)
+        from benchmarks.run import shape_set
+
+        assert "scaled-down" in shape_set(bench, device, quick=False, tiny=False)
 
 
 def test_gpu_peaks():
