@@ -64,6 +64,7 @@ SHAPE_SETS = {
             "T=2 with halo, T=3 without)"),
 }
 
+
 def label(shape: dict) -> str:
     s = shape
     k = "x".join(map(str, s["kernel"]))

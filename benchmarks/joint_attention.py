@@ -44,6 +44,7 @@ SHAPE_SETS = {
     "cpu": "scaled-down CPU set, NOT the model's shape: 4 heads x 64, 886 tokens; 2 heads, 2206 tokens",
 }
 
+
 def label(shape: dict) -> str:
     s = shape
     return f"B{s['B']} {s['heads']}h x{s['D']} L{s['L']}"

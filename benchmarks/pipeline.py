@@ -55,6 +55,7 @@ SHAPE_SETS = {
             f"layers at 9x128x128; {STEPS} DPM steps with CFG"),
 }
 
+
 def label(shape: dict) -> str:
     return f"{shape['model']} {shape['F']}x{shape['H']}x{shape['W']}"
 

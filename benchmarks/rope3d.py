@@ -27,6 +27,7 @@ SHAPE_SETS = {
     "cpu": "scaled-down CPU set, NOT the model's shape: 8 heads x 64, 226 + 7x15x22 tokens",
 }
 
+
 def label(shape: dict) -> str:
     s = shape
     return f"B{s['B']} {s['heads']}h x{s['D']} text{s['text_len']} {s['T']}x{s['H']}x{s['W']}"

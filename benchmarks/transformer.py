@@ -59,6 +59,7 @@ SHAPE_SETS = {
             "226 + 2x12x18 = 658 tokens; one block, and a 2-layer model loaded from a diffusers folder"),
 }
 
+
 def label(shape: dict) -> str:
     s = shape
     what = "block" if s["kind"] == "block" else f"{s['layers']}-layer fwd"

@@ -46,6 +46,7 @@ SHAPE_SETS = {
     "cpu": "scaled-down CPU set, NOT the model's size: 17 frames at 128x128 (5 latent frames), real channels",
 }
 
+
 def label(shape: dict) -> str:
     tiles = f" tiles {shape['tile'][0]}x{shape['tile'][1]}" if shape.get("tile") else ""
     return f"{shape['kind']} {shape['F']}x{shape['H']}x{shape['W']} B{shape['B']}{tiles}"
