@@ -4,7 +4,7 @@ causality across chunks, save round trip, bad input."""
 import pytest
 import torch
 
-from cogvx.models.vae import CausalVAE, frame_chunks
+from cogvx.models.vae import SLICE_ELEMENTS, CausalVAE, FrameContext, frame_chunks
 from parity import assert_close
 
 diffusers = pytest.importorskip("diffusers")
@@ -38,8 +38,53 @@ def test_frame_chunks_follow_diffusers():
     assert frame_chunks(13, 2) == [(0, 3), (3, 5), (5, 7), (7, 9), (9, 11), (11, 13)]
 
 
+@pytest.fixture(params=[SLICE_ELEMENTS, 1], ids=["default-slices", "frame-slices"])
+def slice_elements(request, pair):
+    """Layers run in the default frame slices (one slice per chunk at these sizes) or a frame at a time."""
+    pair[1].set_chunking("diffusers", slice_elements=request.param)
+    yield request.param
+    pair[1].set_chunking("diffusers")
+
+
+def test_frame_slices_bound_the_elements_per_slice():
+    x = torch.zeros(1, 32, 9, 16, 24)
+    frame = 32 * 16 * 24
+    with torch.no_grad():
+        assert FrameContext(2 * frame + 5).slices(x) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+        assert FrameContext(1).slices(x) == [(t, t + 1) for t in range(9)]
+        assert FrameContext(100 * frame).slices(x) == [(0, 9)]
+    assert FrameContext(1).slices(x) == [(0, 9)]  # autograd: the whole chunk at once
+
+
+def test_gradients_match_diffusers(pair):
+    """Training path (autograd, whole-chunk layers): decode and encode gradients of every parameter
+    and of the input within 1e-4 of diffusers' (relative to each gradient's scale)."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(8)
+    latents, video = torch.randn(1, 4, 3, 2, 3, generator=g), torch.randn(1, 3, 5, 16, 16, generator=g)
+    weight = torch.randn(1, 3, 9, 16, 24, generator=g)
+    for model, run in ((ref, lambda x: ref.decode(x).sample), (ours, ours.decode)):
+        x = latents.clone().requires_grad_()
+        (run(x) * weight).sum().backward()
+        model.latents_grad = x.grad
+    for model, run in ((ref, lambda v: ref.encode(v).latent_dist.mean), (ours, lambda v: ours.encode(v).mean)):
+        v = video.clone().requires_grad_()
+        (run(v) ** 2).sum().backward()
+        model.video_grad = v.grad
+    try:
+        assert_close(ours.latents_grad, ref.latents_grad, FP32, "d decode / d latents")
+        assert_close(ours.video_grad, ref.video_grad, FP32, "d encode / d video")
+        theirs = dict(ref.named_parameters())
+        for name, p in ours.named_parameters():
+            assert_close(p.grad, theirs[name].grad, FP32, f"grad of {name}")
+    finally:
+        for model in pair:
+            model.zero_grad(set_to_none=True)
+            del model.latents_grad, model.video_grad
+
+
 @pytest.mark.parametrize("frames", [1, 5, 9, 13, 17])
-def test_encode_and_decode_match_diffusers(pair, frames):
+def test_encode_and_decode_match_diffusers(pair, frames, slice_elements):
     ref, ours = pair
     video = torch.randn(2, 3, frames, 16, 24, generator=torch.Generator().manual_seed(frames))
     with torch.no_grad():
@@ -53,11 +98,11 @@ def test_encode_and_decode_match_diffusers(pair, frames):
         assert_close(ours.decode(latents), ref.decode(latents).sample, FP32, "decode")
 
 
-def test_whole_video_chunking_matches_diffusers_with_one_chunk(pair):
+def test_whole_video_chunking_matches_diffusers_with_one_chunk(pair, slice_elements):
     ref, ours = pair
     video = torch.randn(1, 3, 17, 16, 16, generator=torch.Generator().manual_seed(0))
     ref.num_sample_frames_batch_size, ref.num_latent_frames_batch_size = 1000, 1000
-    ours.set_chunking("whole")
+    ours.set_chunking("whole", slice_elements=slice_elements)
     try:
         with torch.no_grad():
             expected = ref.encode(video).latent_dist.mean

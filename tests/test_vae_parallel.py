@@ -34,11 +34,12 @@ def test_latent_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,latent_frames", [(2, 9), (4, 9), (2, 3)],
-                         ids=["2-ranks", "4-ranks", "2-ranks-rank0-one-frame"])
-def test_context_parallel_equals_one_process(tmp_path, world, latent_frames):
+@pytest.mark.parametrize("world,latent_frames,slice_elements", [(2, 9, None), (4, 9, None), (2, 3, None), (2, 9, 1)],
+                         ids=["2-ranks", "4-ranks", "2-ranks-rank0-one-frame", "2-ranks-frame-slices"])
+def test_context_parallel_equals_one_process(tmp_path, world, latent_frames, slice_elements):
     """(2, 3): rank 0 holds a single (latent / video) frame, fewer than a conv's history, so the
-    history it passes on includes the frames it received."""
+    history it passes on includes the frames it received. Frame slices: every layer on every rank a
+    frame at a time (the history is sent before the first slice)."""
     tiny_vae().save_pretrained(tmp_path / "vae")
     g = torch.Generator().manual_seed(world)
     video = torch.randn(2, 3, 1 + 4 * (latent_frames - 1), 16, 24, generator=g)
@@ -47,6 +48,7 @@ def test_context_parallel_equals_one_process(tmp_path, world, latent_frames):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            os.path.join(HERE, "vae_cp_worker.py"), str(tmp_path / "vae"), str(tmp_path / "inputs.pt"), str(tmp_path)]
+    cmd += [] if slice_elements is None else [str(slice_elements)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     whole = CausalVAE.from_pretrained(tmp_path / "vae", chunking="whole")

@@ -4,8 +4,8 @@ with GroupNorm (decoder: SpatialNorm3D conditioned on the latent), processed in 
 conv caches as diffusers does, so results match its `AutoencoderKLCogVideoX`.
 
 Parameter names are diffusers'; `cogvx.loading` reads its folders. Every causal conv and GroupNorm
-goes through a `FrameContext` (`ctx.conv(module, x)`, `ctx.group_norm(module, x)`): it decides how
-frames outside the ones at hand reach them. The default keeps each conv's cache from one frame
+goes through a `FrameContext` (`ctx.conv_slices`, `ctx.group_moments`): it decides how frames
+outside the ones at hand reach them. The default keeps each conv's cache from one frame
 chunk to the next (single process); `cogvx.parallel.vae.ContextParallel` exchanges them between
 ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
 """
@@ -100,19 +100,98 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
+SLICE_ELEMENTS = 2 ** 22  # elements of a layer's input per slice of frames (16 MiB in fp32) without autograd
+
+
 class FrameContext:
     """Chunked processing in one process: each causal conv keeps the last kt-1 frames of its input
-    (its cache) for the next chunk; GroupNorm statistics are those of the chunk."""
+    (its cache) for the next chunk; GroupNorm statistics are those of the chunk.
 
-    def __init__(self):
+    Without autograd, a norm -> SiLU -> conv runs over slices of about `slice_elements` input
+    elements (whole frames): the GroupNorm statistics are taken over the chunk first, then each
+    slice is normalised and convolved, its history reaching the next slice through the conv cache as
+    between chunks. Only a slice of the normalised input exists at a time, and the same numbers come
+    out."""
+
+    def __init__(self, slice_elements: int = SLICE_ELEMENTS):
         self.caches: dict[nn.Module, torch.Tensor | None] = {}
+        self.slice_elements = slice_elements
+
+    def slices(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """Frame ranges [start, end) of x to process at a time (all of it under autograd)."""
+        frames = x.shape[2]
+        if torch.is_grad_enabled() or frames == 0:
+            return [(0, frames)]
+        step = max(1, self.slice_elements // max(x[:, :, 0].numel(), 1))
+        return [(start, min(start + step, frames)) for start in range(0, frames, step)]
+
+    def conv_slices(self, conv: CausalConv3d, x: torch.Tensor, slices, inputs):
+        """conv over the frames of x given slice by slice: `inputs(start, end)` makes the conv's input
+        for x's frames [start, end) (same shape as them); yields (start, end, output frames)."""
+        for start, end in slices:
+            y, self.caches[conv] = conv(inputs(start, end), self.caches.get(conv))
+            yield start, end, y
+            del y  # not held while the next slice's conv allocates its output
 
     def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        y, self.caches[conv] = conv(x, self.caches.get(conv))
+        (_, _, y), = self.conv_slices(conv, x, [(0, x.shape[2])], lambda start, end: x[:, :, start:end])
         return y
 
-    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        return norm(x)
+    def group_moments(self, x: torch.Tensor, groups: int, slices) -> torch.Tensor:
+        """(mean, variance, count) of each (batch, group) of x over the chunk: (3, B, groups), float64."""
+        return merge_moments(torch.stack([_moments(x[:, :, start:end], groups) for start, end in slices]))
+
+
+def _moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    grouped = x.unflatten(1, (groups, -1)).float()  # float32 statistics for half-precision inputs, as GroupNorm
+    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0)
+    return torch.stack([mean.double(), var.double(), torch.full_like(mean, grouped[0, 0].numel(), dtype=torch.float64)])
+
+
+def merge_moments(parts: torch.Tensor) -> torch.Tensor:
+    """Moments (N, 3, ...) of N disjoint parts -> the moments (3, ...) of their union."""
+    means, variances, counts = parts.unbind(1)
+    total = counts.sum(0)
+    mean = (means * counts).sum(0) / total
+    return torch.stack([mean, ((variances + (means - mean) ** 2) * counts).sum(0) / total, total])
+
+
+def group_normalizer(norm: nn.GroupNorm, x: torch.Tensor, ctx: FrameContext, slices):
+    """GroupNorm of x with statistics over the chunk (ctx), as a function of a frame range
+    (start, end) -> normalised frames: x · a + b with a, b per (batch, channel), computed in float32
+    and rounded once, as GroupNorm does."""
+    mean, var, _ = ctx.group_moments(x, norm.num_groups, slices)
+    per_group = x.shape[1] // norm.num_groups
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)
+    shift = -mean.repeat_interleave(per_group, 1) * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    lift = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
+    scale, shift = scale.float()[lift], shift.float()[lift]
+    return lambda start, end: (x[:, :, start:end] * scale).add_(shift).to(x.dtype)
+
+
+def norm_act_conv(normalize, conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext, slices,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(SiLU(normalize(x))) (+ residual), slice by slice (see FrameContext). Without autograd
+    the residual is added in place (the sum is returned in it)."""
+    inplace = not torch.is_grad_enabled()
+    pieces = ctx.conv_slices(conv, x, slices, lambda start, end: F.silu(normalize(start, end), inplace=inplace))
+    if not inplace:  # one slice (autograd)
+        (_, _, y), = pieces
+        return y if residual is None else y + residual
+    out = residual
+    for start, end, y in pieces:  # consumed to the end (a context may communicate after the last slice)
+        if residual is not None:
+            out[:, :, start:end] += y
+        elif len(slices) == 1:
+            out = y
+        else:
+            if out is None:
+                out = y.new_empty(*y.shape[:2], x.shape[2], *y.shape[3:])
+            out[:, :, start:end] = y
+        del y
+    return out
 
 
 def _per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +225,18 @@ def _modulate_(f: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     return f
 
 
+def _latent_frame_index(frames: int, latent_frames: int) -> torch.Tensor:
+    """The latent frame that conditions each of `frames` frames: nearest resizing in time (what
+    diffusers' F.interpolate picks), the first frame on its own when `frames` is odd and > 1."""
+    def nearest(first: int, count: int, size: int) -> torch.Tensor:
+        index = torch.arange(first, first + count, dtype=torch.float32).view(1, 1, -1)
+        return F.interpolate(index, size=size).flatten().long()
+
+    if frames > 1 and frames % 2 == 1:
+        return torch.cat([nearest(0, 1, 1), nearest(1, latent_frames - 1, frames - 1)])
+    return nearest(0, latent_frames, frames)
+
+
 class SpatialNorm3D(nn.Module):
     """GroupNorm of f, then scaled and shifted by 1×1×1 convs of the latent zq resized (nearest) to
     f's size, the first frame on its own when f has an odd frame count > 1 (the causal layout).
@@ -157,13 +248,16 @@ class SpatialNorm3D(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, channels, 1)
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        normed = ctx.group_norm(self.norm_layer, f)
+    def normalizer(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext, slices):
+        """As `group_normalizer`: (start, end) -> f's frames [start, end) normalised and modulated."""
+        normalize = group_normalizer(self.norm_layer, f, ctx, slices)
         scale, shift = ctx.conv(self.conv_y, zq), ctx.conv(self.conv_b, zq)
-        if not (f.shape[2] > 1 and f.shape[2] % 2 == 1):
-            return _modulate_(normed, scale, shift)
-        parts = [_modulate_(normed[:, :, t], scale[:, :, t], shift[:, :, t]) for t in (slice(0, 1), slice(1, None))]
-        return torch.cat(parts, dim=2) if torch.is_grad_enabled() else normed
+        index = _latent_frame_index(f.shape[2], zq.shape[2]).to(zq.device)
+
+        def normalized(start: int, end: int) -> torch.Tensor:
+            frames = index[start:end]
+            return _modulate_(normalize(start, end), scale.index_select(2, frames), shift.index_select(2, frames))
+        return normalized
 
 
 class ResnetBlock3D(nn.Module):
@@ -182,18 +276,17 @@ class ResnetBlock3D(nn.Module):
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    @staticmethod
-    def _norm(norm, x, zq, ctx):
-        return ctx.group_norm(norm, x) if zq is None else norm(x, zq, ctx)
+    def _normalizer(self, norm, x: torch.Tensor, zq: torch.Tensor | None, ctx: FrameContext, slices):
+        return group_normalizer(norm, x, ctx, slices) if zq is None else norm.normalizer(x, zq, ctx, slices)
 
     def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
-        inplace = not torch.is_grad_enabled()  # inference: activations overwrite the fresh norm outputs
-        h = ctx.conv(self.conv1, F.silu(self._norm(self.norm1, x, zq, ctx), inplace=inplace))
-        h = F.silu(self._norm(self.norm2, h, zq, ctx), inplace=inplace)  # conv1's output freed here,
-        h = ctx.conv(self.conv2, h)  # not held while conv2 allocates its own
+        slices = ctx.slices(x)
+        h = norm_act_conv(self._normalizer(self.norm1, x, zq, ctx, slices), self.conv1, x, ctx, slices)
         shortcut = x if self.conv_shortcut is None else causal_conv3d(x, self.conv_shortcut.weight,
                                                                       self.conv_shortcut.bias)
-        return h.add_(shortcut) if inplace else h + shortcut
+        slices = ctx.slices(h)
+        return norm_act_conv(self._normalizer(self.norm2, h, zq, ctx, slices), self.conv2, h, ctx, slices,
+                             residual=shortcut)
 
 
 class Downsample3D(nn.Module):
@@ -289,8 +382,8 @@ class Encoder3D(nn.Module):
 
     def forward(self, video: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         x = _through_stages([*self.down_blocks, self.mid_block], ctx.conv(self.conv_in, video), ctx)
-        x = ctx.group_norm(self.norm_out, x)
-        return ctx.conv(self.conv_out, F.silu(x, inplace=not torch.is_grad_enabled()))
+        slices = ctx.slices(x)
+        return norm_act_conv(group_normalizer(self.norm_out, x, ctx, slices), self.conv_out, x, ctx, slices)
 
 
 class Decoder3D(nn.Module):
@@ -312,8 +405,8 @@ class Decoder3D(nn.Module):
 
     def forward(self, z: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         x = _through_stages([self.mid_block, *self.up_blocks], ctx.conv(self.conv_in, z), ctx, z)
-        x = self.norm_out(x, z, ctx)
-        return ctx.conv(self.conv_out, F.silu(x, inplace=not torch.is_grad_enabled()))
+        slices = ctx.slices(x)
+        return norm_act_conv(self.norm_out.normalizer(x, z, ctx, slices), self.conv_out, x, ctx, slices)
 
 
 def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
@@ -394,12 +487,17 @@ class CausalVAE(nn.Module):
         self.set_chunking(chunking)
         self.tiling: tuple[int, int, float, float] | None = None
 
-    def set_chunking(self, chunking: str, *, encode_frames: int = 8, decode_latents: int = 2) -> "CausalVAE":
+    def set_chunking(self, chunking: str, *, encode_frames: int = 8, decode_latents: int = 2,
+                     slice_elements: int = SLICE_ELEMENTS) -> "CausalVAE":
+        """Frame chunks (GroupNorm statistics per chunk, conv caches between them): "diffusers" or
+        "whole"; `slice_elements` bounds the slices a chunk's layers run in without autograd (memory
+        only: the numbers do not depend on it; 1 = a frame at a time)."""
         if chunking not in ("diffusers", "whole"):
             raise ValueError(f"chunking must be 'diffusers' or 'whole'; got {chunking!r}")
-        if encode_frames < 1 or decode_latents < 1:
-            raise ValueError("encode_frames and decode_latents must be positive")
+        if encode_frames < 1 or decode_latents < 1 or slice_elements < 1:
+            raise ValueError("encode_frames, decode_latents and slice_elements must be positive")
         self.chunking, self.encode_frames, self.decode_latents = chunking, encode_frames, decode_latents
+        self.slice_elements = slice_elements
         return self
 
     @classmethod
@@ -486,7 +584,7 @@ class CausalVAE(nn.Module):
         return DiagonalGaussian(moments)
 
     def _encode_chunks(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        ctx = FrameContext()
+        ctx = FrameContext(self.slice_elements)
         chunks = progress_bar(self._chunks(video.shape[2], self.encode_frames), progress, "encode chunks")
         return torch.cat([self.encoder(video[:, :, start:end], ctx) for start, end in chunks], dim=2)
 
@@ -506,7 +604,7 @@ class CausalVAE(nn.Module):
         return self._decode_chunks(latents, progress)
 
     def _decode_chunks(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        ctx = FrameContext()
+        ctx = FrameContext(self.slice_elements)
         chunks = self._chunks(latents.shape[2], self.decode_latents)
         out = None
         for start, end in progress_bar(chunks, progress, "decode chunks"):

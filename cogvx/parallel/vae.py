@@ -13,6 +13,9 @@ resamplers need nothing (slices are aligned to the time pairs the resamplers poo
 the CogVideoX decoder at 480×720 (bf16), that is 2·512·60·90·2 B ≈ 11 MB per conv at the latent
 resolution, rising to 2·128·480·720·2 B ≈ 177 MB per conv in the last stage, per boundary.
 
+Within a rank, layers run in slices of frames as in one process (`FrameContext`): the history for
+the next rank is sent before the first slice is convolved, the received one feeds the first slice.
+
 Splitting: rank 0 holds the first latent frame and an odd or even count as the whole video has
 (the first frame of an odd count is upsampled/pooled on its own), every other rank an even count,
 as evenly as possible (`latent_counts`); the encoder's video slices are the matching frames
@@ -25,9 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..models.vae import CausalVAE, DiagonalGaussian, FrameContext
+from ..models.vae import CausalVAE, DiagonalGaussian, SLICE_ELEMENTS, FrameContext, merge_moments
 
 
 def latent_counts(latent_frames: int, world: int) -> list[int]:
@@ -45,49 +47,38 @@ def latent_counts(latent_frames: int, world: int) -> list[int]:
 class ContextParallel(FrameContext):
     """Frame context over ranks: conv history from the previous rank, GroupNorm statistics of all."""
 
-    def __init__(self, group=None):
-        super().__init__()
+    def __init__(self, group=None, slice_elements: int = SLICE_ELEMENTS):
+        super().__init__(slice_elements)
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
     def _peer(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
-    def conv(self, conv, x: torch.Tensor) -> torch.Tensor:
+    def conv_slices(self, conv, x: torch.Tensor, slices, inputs):
         lead = conv.kernel_size[0] - 1
         if lead == 0 or self.world == 1:
-            return conv(x)[0]
-        last, halo, sending = self.rank == self.world - 1, None, None
-        if not last and x.shape[2] >= lead:  # the next rank's history is ours alone: send it while we wait
-            sending = dist.isend(x[:, :, -lead:].contiguous(), self._peer(self.rank + 1), group=self.group)
+            yield from super().conv_slices(conv, x, slices, inputs)
+            return
+        frames, last, sending = x.shape[2], self.rank == self.world - 1, None
+        if not last and frames >= lead:  # the next rank's history is ours alone: send it while we wait
+            history = inputs(frames - lead, frames).contiguous()
+            sending = dist.isend(history, self._peer(self.rank + 1), group=self.group)
+        self.caches[conv] = None
         if self.rank > 0:
-            halo = x.new_empty(*x.shape[:2], lead, *x.shape[3:])
-            dist.recv(halo, self._peer(self.rank - 1), group=self.group)
-        y, history = conv(x, halo)  # history: the last kt-1 frames of [halo, x], what a chunk cache holds
+            self.caches[conv] = x.new_empty(*x.shape[:2], lead, *x.shape[3:])
+            dist.recv(self.caches[conv], self._peer(self.rank - 1), group=self.group)
+        yield from super().conv_slices(conv, x, slices, inputs)  # the cache: last kt-1 frames of [halo, x]
         if not last and sending is None:  # fewer frames than the history: it includes received frames
-            dist.send(history, self._peer(self.rank + 1), group=self.group)
+            dist.send(self.caches[conv], self._peer(self.rank + 1), group=self.group)
         if sending is not None:
             sending.wait()
-        return y
 
-    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        groups = x.reshape(b, norm.num_groups, -1)
-        var, mean = torch.var_mean(groups.float(), dim=-1, correction=0)
-        local = torch.stack([mean.double(), var.double(), torch.full_like(mean, groups.shape[-1], dtype=torch.float64)])
+    def group_moments(self, x: torch.Tensor, groups: int, slices) -> torch.Tensor:
+        local = super().group_moments(x, groups, slices)
         gathered = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(gathered, local, group=self.group)
-        means, variances, counts = torch.stack(gathered).unbind(1)          # (world, B, G) each
-        total = counts.sum(0)
-        mean_all = (means * counts).sum(0) / total
-        var_all = ((variances + (means - mean_all) ** 2) * counts).sum(0) / total
-        rstd = torch.rsqrt(var_all + norm.eps)
-        y = (groups.float() - mean_all.float()[..., None]) * rstd.float()[..., None]
-        y = y.reshape(x.shape).to(x.dtype)
-        if norm.affine:
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
-        return y
+        return merge_moments(torch.stack(gathered))
 
 
 def _slices(counts: list[int], scale_first, scale_rest) -> list[tuple[int, int]]:
@@ -114,7 +105,7 @@ def decode(vae: CausalVAE, latents: torch.Tensor, group=None) -> torch.Tensor:
     rank decodes its slice and all get the whole video, equal to `vae.decode` with chunking="whole"."""
     decoder = vae._require("decoder")
     vae._check(latents, "latents", vae.config.latent_channels, 1)
-    ctx = ContextParallel(group)
+    ctx = ContextParallel(group, vae.slice_elements)
     counts = latent_counts(latents.shape[2], ctx.world)
     start, end = _slices(counts, lambda n: n, lambda n: n)[ctx.rank]
     frames = decoder(latents[:, :, start:end], ctx)
@@ -129,7 +120,7 @@ def encode(vae: CausalVAE, video: torch.Tensor, group=None) -> DiagonalGaussian:
     ratio = int(vae.config.temporal_compression_ratio)
     if (video.shape[2] - 1) % ratio:
         raise ValueError(f"video must have 1 + {ratio}·k frames; got {video.shape[2]}")
-    ctx = ContextParallel(group)
+    ctx = ContextParallel(group, vae.slice_elements)
     counts = latent_counts(1 + (video.shape[2] - 1) // ratio, ctx.world)
     start, end = _slices(counts, lambda n: 1 + ratio * (n - 1), lambda n: ratio * n)[ctx.rank]
     moments = encoder(video[:, :, start:end], ctx)
