@@ -22,20 +22,32 @@ def test_state_dict_keys_and_parity_with_diffusers():
         torch.testing.assert_close(cache_ours, cache_theirs)
 
 
+@pytest.mark.parametrize("update_cache", [False, True], ids=["new-cache", "cache-updated-in-place"])
 @pytest.mark.parametrize("time_padding", ["first_frame", "zeros"])
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1], [2, 3], [1, 4], [3, 2]])
-def test_chunked_equals_whole(time_padding, chunks):
+@pytest.mark.parametrize("kt", [3, 4])
+def test_chunked_equals_whole(time_padding, chunks, update_cache, kt):
     torch.manual_seed(0)
-    conv = CausalConv3d(3, 4, (3, 3, 3), time_padding=time_padding)
+    conv = CausalConv3d(3, 4, (kt, 3, 3), time_padding=time_padding)
     x = torch.randn(1, 3, sum(chunks), 6, 7)
     with torch.no_grad():
-        whole, _ = conv(x)
+        whole, whole_cache = conv(x)
         parts, cache, start = [], None, 0
         for n in chunks:
-            y, cache = conv(x[:, :, start:start + n], cache)
+            previous = cache
+            y, cache = conv(x[:, :, start:start + n], cache, update_cache=update_cache)
+            assert (cache is previous) == (update_cache and previous is not None)
             parts.append(y)
             start += n
     torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache, whole_cache, atol=0, rtol=0)
+
+
+def test_in_place_cache_update_is_refused_under_autograd():
+    conv = CausalConv3d(2, 2, 3)
+    _, cache = conv(torch.randn(1, 2, 3, 4, 4))
+    with pytest.raises(ValueError, match="not under autograd"):
+        conv(torch.randn(1, 2, 3, 4, 4, requires_grad=True), cache, update_cache=True)
 
 
 def test_zeros_time_padding_is_zero_frames():

@@ -100,7 +100,7 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
-SLICE_ELEMENTS = 2 ** 22  # elements of a layer's input per slice of frames (16 MiB in fp32) without autograd
+SLICE_ELEMENTS = 2 ** 21  # elements of a layer's input per slice of frames without autograd (8 MiB in fp32)
 
 
 class FrameContext:
@@ -128,8 +128,9 @@ class FrameContext:
     def conv_slices(self, conv: CausalConv3d, x: torch.Tensor, slices, inputs):
         """conv over the frames of x given slice by slice: `inputs(start, end)` makes the conv's input
         for x's frames [start, end) (same shape as them); yields (start, end, output frames)."""
+        update = not torch.is_grad_enabled()  # the caches are ours: history written over the old one
         for start, end in slices:
-            y, self.caches[conv] = conv(inputs(start, end), self.caches.get(conv))
+            y, self.caches[conv] = conv(inputs(start, end), self.caches.get(conv), update_cache=update)
             yield start, end, y
             del y  # not held while the next slice's conv allocates its output
 
@@ -143,9 +144,13 @@ class FrameContext:
 
 
 def _moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    grouped = x.unflatten(1, (groups, -1)).float()  # float32 statistics for half-precision inputs, as GroupNorm
-    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0)
-    return torch.stack([mean.double(), var.double(), torch.full_like(mean, grouped[0, 0].numel(), dtype=torch.float64)])
+    """Moments (3, B, groups) of x's channel groups: per (batch, channel) over contiguous rows (a time
+    slice of a contiguous tensor flattens without a copy), then merged over each group's channels."""
+    rows = x.flatten(2).float()  # float32 statistics for half-precision inputs, as GroupNorm
+    mean = rows.mean(-1, keepdim=True)  # two passes: 4× faster than var_mean's Welford on the CPU
+    var = torch.linalg.vector_norm(rows - mean, dim=-1).double() ** 2 / rows.shape[-1]
+    per_channel = torch.stack([mean[..., 0].double(), var, torch.full_like(var, rows.shape[-1])])
+    return merge_moments(per_channel.unflatten(2, (groups, -1)).permute(3, 0, 1, 2))
 
 
 def merge_moments(parts: torch.Tensor) -> torch.Tensor:
@@ -168,7 +173,7 @@ def group_normalizer(norm: nn.GroupNorm, x: torch.Tensor, ctx: FrameContext, sli
         scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
     lift = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
     scale, shift = scale.float()[lift], shift.float()[lift]
-    return lambda start, end: (x[:, :, start:end] * scale).add_(shift).to(x.dtype)
+    return lambda start, end: torch.addcmul(shift, x[:, :, start:end], scale).to(x.dtype)
 
 
 def norm_act_conv(normalize, conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext, slices,

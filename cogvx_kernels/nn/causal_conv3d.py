@@ -36,19 +36,30 @@ class CausalConv3d(nn.Module):
         # nn.Conv3d only holds the parameters (keys conv.weight / conv.bias, as in diffusers).
         self.conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, *, update_cache: bool = False):
+        """update_cache=True writes the new history into `cache` itself and returns it (no new
+        allocation: for a caller that owns the cache, without autograd)."""
         kt = self.kernel_size[0]
+        if update_cache and cache is not None and torch.is_grad_enabled() and (x.requires_grad or cache.requires_grad):
+            raise ValueError("update_cache=True overwrites the cache in place: not under autograd")
         halo = cache
         if halo is None and self.time_padding == "zeros" and kt > 1:
             halo = x.new_zeros(x.shape[0], x.shape[1], kt - 1, *x.shape[3:])
         y = causal_conv3d(x, self.conv.weight, self.conv.bias, halo, backend=self.backend)
-        return y, self._next_cache(x, halo, kt)
+        return y, self._next_cache(x, halo, kt, cache if update_cache else None)
 
     @staticmethod
-    def _next_cache(x: torch.Tensor, halo: torch.Tensor | None, kt: int) -> torch.Tensor | None:
+    def _next_cache(x: torch.Tensor, halo: torch.Tensor | None, kt: int,
+                    into: torch.Tensor | None = None) -> torch.Tensor | None:
         lead = kt - 1
         if lead == 0:
             return None
+        if into is not None:
+            kept = lead - min(x.shape[2], lead)  # frames of the old history that stay in it
+            for i in range(kept):  # ascending: each source frame is read before it is overwritten
+                into[:, :, i].copy_(into[:, :, i + lead - kept])
+            into[:, :, kept:].copy_(x[:, :, x.shape[2] - (lead - kept):])
+            return into
         if x.shape[2] >= lead:
             return x[:, :, -lead:].clone()  # a copy: a view would keep the whole chunk alive
         front = halo if halo is not None else x[:, :, :1].expand(-1, -1, lead, -1, -1)
