@@ -175,6 +175,7 @@ def header(args, device: torch.device, dtype: torch.dtype, shape_sets: dict) -> 
         tiny=args.tiny,
         backward=args.backward,
         machine=dict(platform=platform.platform(), arch=platform.machine(), cpu_model=cpu_model(),
+                     cpu_capability=torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen/oneDNN use
                      cpu_count=os.cpu_count(), usable_cpus=usable, torch_threads=torch.get_num_threads()),
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
         gpu=gpu,
@@ -610,7 +611,7 @@ def main(argv=None) -> int:
 
     shape_sets = {op: shape_set(load_module(op), device, args.quick, args.tiny) for op in ops}
     head = header(args, device, dtype, shape_sets)
-    where = head["gpu"] or head["machine"]["cpu_model"]
+    where = head["gpu"] or f"{head['machine']['cpu_model']}, {head['machine']['cpu_capability']}"
     print(f"cogvx_kernels benchmark: {device.type} ({where}), {head['dtype']}, "
           f"{head['machine']['torch_threads']} torch threads, torch {torch.__version__}"
           + (", QUICK" if args.quick else "") + (", TINY" if args.tiny else ""))
