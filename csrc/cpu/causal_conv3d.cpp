@@ -578,11 +578,12 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   std::optional<at::Tensor> halo;
   if (halo_in && kt > 1) halo = *halo_in;
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
+  const int64_t output_pixels = x.size(0) * x.size(2) * Ho * Wo;
+  const bool winograd = winograd_applies(kh, kw, x.size(1), weight.size(0), output_pixels);
+  if (output_pixels > 0 && !winograd && onednn_applies(x, kh, kw, x.size(1), weight.size(0)))
+    return onednn_forward(x, weight, bias, halo, pad_h, pad_w);  // before allocating an output it would not use
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  const bool winograd = winograd_applies(kh, kw, x.size(1), weight.size(0), y.numel() / y.size(1));
-  if (!winograd && onednn_applies(x, kh, kw, x.size(1), weight.size(0)))
-    return onednn_forward(x, weight, bias, halo, pad_h, pad_w);
   if (winograd) {
     COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cpu", [&] {
       winograd_forward_kernel<scalar_t>(x, weight, bias ? &*bias : nullptr, halo ? &*halo : nullptr, pad_h, pad_w, y);
