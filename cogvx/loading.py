@@ -4,17 +4,22 @@ listed by an index), read and written with `safetensors` directly (no diffusers 
 Loading builds nothing twice: the model is constructed on the meta device, each tensor is read from
 its file straight onto the target device, converted to the target dtype on its own, and assigned to
 the module (`load_state_dict(assign=True)`), so the weights exist once, plus at most one tensor in
-conversion.
+conversion. Everything a folder can get wrong (config types and ranges, index, unreadable files,
+names and shapes) is found before the first tensor reaches the target device.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import types
+import typing
 from pathlib import Path
+from typing import Annotated, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,16 +31,98 @@ DIFFUSERS_VERSION = "0.42.0"  # the diffusers version whose format and numerics 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+# -- config values: types and ranges from the dataclass annotations -----------------------------------
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A range a config number must lie in, attached to its field's type: Annotated[int, POSITIVE].
+    `text` says it with {} for the kind of number."""
+    text: str
+    holds: Callable[[float], bool]
+
+
+POSITIVE = Bound("a positive {}", lambda v: v > 0)
+NON_NEGATIVE = Bound("a non-negative {}", lambda v: v >= 0)
+UNIT = Bound("a {} in [0, 1]", lambda v: 0 <= v <= 1)
+PositiveInt = Annotated[int, POSITIVE]         # channels, layers, heads, dims, sizes, patches
+NonNegativeInt = Annotated[int, NON_NEGATIVE]
+PositiveFloat = Annotated[float, POSITIVE]     # eps, scales
+UnitFloat = Annotated[float, UNIT]             # probabilities, betas
+
+_NOUNS = {int: "integer", float: "number", bool: "boolean", str: "string"}
+_NO = object()  # "does not fit", distinct from every JSON value
+
+
+def _expected(hint) -> str:
+    """What a field takes, as an error says it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return args[1].text.format(_NOUNS[args[0]])
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_expected(a) for a in args)
+    if origin is tuple or hint is tuple:
+        return f"a list of items each {_expected(args[0])}" if args else "a list"
+    if hint is type(None):
+        return "null"
+    return ("a finite " if hint is float else "an " if hint is int else "a ") + _NOUNS[hint]
+
+
+def _conform(hint, value):
+    """`value` as a field of type `hint` holds it (JSON arrays as tuples), or _NO. JSON's numbers:
+    an integer serves where a number is declared; a boolean is never a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        value = _conform(args[0], value)
+        return value if value is not _NO and args[1].holds(value) else _NO
+    if origin in (types.UnionType, typing.Union):
+        return next((v for v in (_conform(a, value) for a in args) if v is not _NO), _NO)
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        items = [_conform(args[0], v) for v in value] if args else list(value)
+        return _NO if any(v is _NO for v in items) else tuple(items)
+    if hint is type(None):
+        return value if value is None else _NO
+    if isinstance(value, bool) and hint is not bool:
+        return _NO
+    if hint is float:
+        return value if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)) else _NO
+    return value if isinstance(value, hint) else _NO
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+class ConfigError(ValueError):
+    """A config whose values a CogVideoX model cannot take; names the file when read from one."""
+
+    def __init__(self, model: str, problems: list[str], source: str | Path | None = None):
+        self.model, self.problems = model, problems
+        where = f" in {str(source)!r}" if source is not None else ""
+        super().__init__(f"invalid {model} config{where}: " + "; ".join(problems))
+
+
 class DiffusersConfig:
-    """Base of our frozen dataclasses that mirror a diffusers config.json (same keys and defaults):
-    `from_dict` ignores '_'-prefixed metadata and refuses unknown keys; `problems()` lists what the
-    model cannot do with the values (raised at construction)."""
+    """Base of our frozen dataclasses that mirror a diffusers config.json (same keys and defaults).
+    Construction checks every value against its field's annotation (type; range via Annotated
+    bounds; JSON arrays stored as tuples), then `problems()`: what the model cannot do with
+    well-typed values. `from_dict` ignores '_'-prefixed metadata and refuses unknown keys."""
     MODEL = "model"
 
     def __post_init__(self):
-        problems = self.problems()
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            conformed = _conform(hints[field.name], value)
+            if conformed is _NO:
+                problems.append(f"{field.name!r} must be {_expected(hints[field.name])}; got {value!r}")
+            else:
+                object.__setattr__(self, field.name, conformed)
+        problems = problems or self.problems()  # problems() may rely on the types
         if problems:
-            raise ValueError(f"unsupported {self.MODEL} config: " + "; ".join(problems))
+            raise ConfigError(self.MODEL, problems)
 
     def problems(self) -> list[str]:
         return []
@@ -43,20 +130,64 @@ class DiffusersConfig:
     @classmethod
     def of(cls, config=None):
         """A config from None (the defaults), a config.json dict, or an instance (as is)."""
-        return cls() if config is None else cls.from_dict(config) if isinstance(config, dict) else config
+        return cls() if config is None else config if isinstance(config, cls) else cls.from_dict(config)
 
     @classmethod
-    def from_dict(cls, config: dict):
+    def from_dict(cls, config: dict, source: str | Path | None = None):
+        """The config of a config.json's dict; `source` (its path) is named by every error."""
+        if not isinstance(config, dict):
+            raise ConfigError(cls.MODEL, [f"expected a JSON object of keys and values; got {_json_kind(config)}"],
+                              source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
         if unknown:
-            raise ValueError(f"config has keys a CogVideoX {cls.MODEL} does not know: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
+            raise ConfigError(cls.MODEL, [f"keys a CogVideoX {cls.MODEL} does not know: {unknown}"], source)
+        try:
+            return cls(**{k: v for k, v in config.items() if k in known})
+        except ConfigError as exc:
+            raise ConfigError(cls.MODEL, exc.problems, source) from None
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+# -- arguments shared by the from_pretrained of every model ------------------------------------------
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype the models run in, from itself or a name ("bf16", "float16", "torch.half"...); None
+    stays None (the checkpoint's dtype). Not float64: the attention and RoPE kernels refuse it."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    accepted = ", ".join(f"torch.{str(d).split('.')[1]}" for d in dict.fromkeys(DTYPES.values()))
+    raise ValueError(f"dtype must be one of {accepted}, one of the names {', '.join(DTYPES)}, or None; got {dtype!r}")
+
+
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
+    """A torch.device from itself, a device string ("cuda:1") or a CUDA index; None is the CPU. A
+    CUDA device this machine lacks is refused here rather than at the first tensor."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a device string such as 'cuda:0', or None; "
+                        f"got {device!r}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows: {exc}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    return resolved
+
+
+# -- folders ---------------------------------------------------------------------------------------
 def component_folder(folder: str | Path, component: str) -> Path:
     """`folder` itself when it holds a config.json, else its `component` subfolder (a pipeline root)."""
     folder = Path(folder)
@@ -67,34 +198,66 @@ def component_folder(folder: str | Path, component: str) -> Path:
     return folder
 
 
-def read_config(folder: Path, class_name: str) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a UTF-8 file; anything else raises naming the file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object of keys and values; got {_json_kind(data)}")
+    return data
+
+
+def read_config(folder: Path, config_class: type[DiffusersConfig], class_name: str) -> DiffusersConfig:
+    """The folder's config.json as `config_class`, checked to describe a diffusers `class_name`."""
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json: expected a diffusers-format {class_name} folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    config = read_json(path)
     found = config.get("_class_name")
     if found is not None and found != class_name:
         raise ValueError(f"{str(path)!r} describes a {found}, not a {class_name}")
-    return config
+    return config_class.from_dict(config, source=path)
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not a safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} is missing")
+    return path
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The distinct shard file names of an index, each a relative path that stays in its folder."""
+    weight_map = read_json(index).get("weight_map", _NO)
+    if weight_map is _NO:
+        raise ValueError(f"{str(index)!r} has no 'weight_map' (tensor name → shard file)")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{str(index)!r}: 'weight_map' must be an object of tensor name → shard file name; "
+                         f"got {_json_kind(weight_map)}")
+    names = sorted(set(weight_map.values()))
+    # judged on the name, not on where the file resolves: hub caches link shards to blobs elsewhere
+    escaping = [n for n in names if os.path.isabs(n) or os.path.normpath(n).split(os.sep)[0] == ".." or n in ("", ".")]
+    if escaping:
+        raise ValueError(f"{str(index)!r} lists shards outside its folder: {escaping}; shard names must be "
+                         "relative paths inside it")
+    return names
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder: the shards its index lists, or the single weights file."""
     index = folder / INDEX_NAME
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{str(index)!r} lists shards that are missing: {missing}")
-        return [folder / n for n in names]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
+        return [_regular_file(folder / name, f"shard of {str(index)!r}") for name in _shard_names(index)]
+    if (folder / WEIGHTS_NAME).exists():
+        return [_regular_file(folder / WEIGHTS_NAME, "weights file")]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(others) == 1:
-        return [folder / others[0]]
+        return [_regular_file(folder / others[0], "weights file")]
     hint = " (PyTorch .bin weights are not read: convert them to safetensors)" if any(folder.glob("*.bin")) else ""
     raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
 
@@ -104,32 +267,45 @@ def _listing(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _survey(path: Path, skip_prefixes: tuple[str, ...], located: dict, stored: dict) -> None:
+    """Record where each tensor of a file is and how many floating elements each dtype has; a file
+    safetensors cannot read (truncated, garbage header) raises naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                view = f.get_slice(key)
+                if not key.startswith(skip_prefixes):
+                    located[key] = path, tuple(view.get_shape())
+                if view.get_dtype() in _SAFETENSORS_DTYPES:
+                    kind = _SAFETENSORS_DTYPES[view.get_dtype()]
+                    stored[kind] = stored.get(kind, 0) + max(1, math.prod(view.get_shape()))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
 def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None,
                  skip_prefixes: tuple[str, ...] = ()) -> None:
     """Fill a meta-device `model` with the folder's weights, on `device` (default CPU) in `dtype`
     (default: the checkpoint's floating dtype); tensors whose names start with `skip_prefixes` are
     not read (parts the model was built without). Missing, unexpected or misshapen tensors raise,
-    listing the names."""
+    listing the names. `dtype` and `device` as `resolve_dtype` / `resolve_device` give them."""
     device = torch.device(device if device is not None else "cpu")
     expected = model.state_dict()  # meta tensors: names and shapes only
     files = weight_files(folder)
-    located: dict[str, Path] = {}
+    located: dict[str, tuple[Path, tuple]] = {}  # name: (file, shape)
     stored: dict[torch.dtype, int] = {}  # floating elements per stored dtype: the default target dtype
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(skip_prefixes):
-                    located[key] = path
-                view = f.get_slice(key)
-                if view.get_dtype() in _SAFETENSORS_DTYPES:
-                    kind = _SAFETENSORS_DTYPES[view.get_dtype()]
-                    stored[kind] = stored.get(kind, 0) + max(1, math.prod(view.get_shape()))
+        _survey(path, skip_prefixes, located, stored)
     missing, unexpected = expected.keys() - located.keys(), located.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(f"the weights in {str(folder)!r} do not match the model: "
                          + "; ".join(part for part in (f"missing {_listing(missing)}" if missing else "",
                                                        f"unexpected {_listing(unexpected)}" if unexpected else "")
                                      if part))
+    misshapen = [f"{key} in {path.name} has shape {shape}; the config implies {tuple(expected[key].shape)}"
+                 for key, (path, shape) in located.items() if shape != tuple(expected[key].shape)]
+    if misshapen:
+        raise ValueError(f"the weights in {str(folder)!r} do not match the model: " + "; ".join(misshapen[:20]))
     if dtype is None:
         dtype = max(stored, key=stored.get) if stored else torch.float32
     state: dict[str, torch.Tensor] = {}
@@ -139,9 +315,6 @@ def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = 
                 if key not in located:
                     continue
                 tensor = f.get_tensor(key)
-                if tensor.shape != expected[key].shape:
-                    raise ValueError(f"{key} in {path.name} has shape {tuple(tensor.shape)}; the config implies "
-                                     f"{tuple(expected[key].shape)}")
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, assign=True, strict=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

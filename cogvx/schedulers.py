@@ -2,7 +2,8 @@
 scaled-linear beta schedule with CogVideoX's SNR shift, optional zero-terminal-SNR rescale, trailing
 timesteps. They read diffusers' `scheduler_config.json` and follow `CogVideoXDDIMScheduler` /
 `CogVideoXDPMScheduler` operation by operation (float64 schedule, the same draws from the
-generator in the same order), so a seeded run gives diffusers' numbers.
+generator in the same order), so a seeded run gives diffusers' numbers; a folder naming diffusers'
+generic `DDIMScheduler` (its CogVideoX test folders do) gets that class's DDIM.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import loading
 from ._random import randn
 from .loading import DiffusersConfig
 
@@ -22,20 +24,23 @@ from .loading import DiffusersConfig
 class SchedulerConfig(DiffusersConfig):
     """diffusers' CogVideoX scheduler config (same keys and defaults)."""
     MODEL = "scheduler"
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    num_train_timesteps: loading.PositiveInt = 1000
+    beta_start: loading.UnitFloat = 0.00085
+    beta_end: loading.UnitFloat = 0.012
     beta_schedule: str = "scaled_linear"
-    trained_betas: tuple | None = None
-    clip_sample: bool = True
+    trained_betas: tuple[loading.UnitFloat, ...] | None = None
+    clip_sample: bool = True  # read by the generic DDIM only (CogVideoX's samplers never clip)
     set_alpha_to_one: bool = True
-    steps_offset: int = 0
+    steps_offset: loading.NonNegativeInt = 0
     prediction_type: str = "epsilon"
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
+    clip_sample_range: loading.PositiveFloat = 1.0
+    sample_max_value: loading.PositiveFloat = 1.0
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
-    snr_shift_scale: float = 3.0
+    snr_shift_scale: loading.PositiveFloat = 3.0
+    # diffusers' DDIMScheduler / DPMSolverMultistepScheduler write these; thresholding is not implemented
+    thresholding: bool = False
+    dynamic_thresholding_ratio: loading.UnitFloat = 0.995
 
     def problems(self) -> list[str]:
         problems = []
@@ -45,6 +50,11 @@ class SchedulerConfig(DiffusersConfig):
             problems.append(f"prediction_type must be epsilon, sample or v_prediction; got {self.prediction_type!r}")
         if self.timestep_spacing not in ("linspace", "leading", "trailing"):
             problems.append(f"timestep_spacing must be linspace, leading or trailing; got {self.timestep_spacing!r}")
+        if self.thresholding:
+            problems.append("thresholding must be false: dynamic thresholding of the x0 prediction is not implemented")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            problems.append(f"trained_betas has {len(self.trained_betas)} values for num_train_timesteps "
+                            f"{self.num_train_timesteps}")
         return problems
 
 
@@ -60,23 +70,31 @@ class CogVideoXScheduler:
     """What DDIM and DPM share: the noise schedule, the timesteps, x0 from the model output, add_noise."""
 
     CLASS_NAMES: tuple[str, ...] = ()
+    DEFAULTS: dict = {}  # config values where the diffusers class's defaults differ from CogVideoX's
 
     def __init__(self, config: SchedulerConfig | dict | None = None):
+        if config is None or isinstance(config, dict):
+            config = {**self.DEFAULTS, **(config or {})}
         self.config = c = SchedulerConfig.of(config)
-        if c.trained_betas is not None:
-            betas = torch.tensor(c.trained_betas, dtype=torch.float32)
-        elif c.beta_schedule == "linear":
-            betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float32)
-        else:
-            betas = torch.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        # CogVideoX's SNR shift: SNR divided by snr_shift_scale at every step
-        alphas_cumprod = alphas_cumprod / (c.snr_shift_scale + (1 - c.snr_shift_scale) * alphas_cumprod)
-        self.alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod) if c.rescale_betas_zero_snr else alphas_cumprod
+        self.alphas_cumprod = self._alphas_cumprod(c)
         self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    @staticmethod
+    def _betas(c: SchedulerConfig, scaled_dtype: torch.dtype) -> torch.Tensor:
+        if c.trained_betas is not None:
+            return torch.tensor(c.trained_betas, dtype=torch.float32)
+        if c.beta_schedule == "linear":
+            return torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float32)
+        return torch.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, c.num_train_timesteps, dtype=scaled_dtype) ** 2
+
+    def _alphas_cumprod(self, c: SchedulerConfig) -> torch.Tensor:
+        alphas_cumprod = torch.cumprod(1.0 - self._betas(c, torch.float64), dim=0)
+        # CogVideoX's SNR shift: SNR divided by snr_shift_scale at every step
+        alphas_cumprod = alphas_cumprod / (c.snr_shift_scale + (1 - c.snr_shift_scale) * alphas_cumprod)
+        return rescale_zero_terminal_snr(alphas_cumprod) if c.rescale_betas_zero_snr else alphas_cumprod
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         c = self.config
@@ -130,6 +148,37 @@ class DDIMScheduler(CogVideoXScheduler):
         return a_t * sample + b_t * original
 
 
+class GenericDDIMScheduler(DDIMScheduler):
+    """diffusers' generic `DDIMScheduler` at eta 0, as its CogVideoX pipeline runs it when a folder
+    names it: its defaults, no SNR shift, a float32 schedule (zero-terminal SNR rescaled through the
+    betas), x0 clipped to ±clip_sample_range when clip_sample, the step written with the noise."""
+
+    CLASS_NAMES = ("DDIMScheduler",)
+    DEFAULTS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+
+    def _alphas_cumprod(self, c: SchedulerConfig) -> torch.Tensor:
+        betas = self._betas(c, torch.float32)
+        if c.rescale_betas_zero_snr:  # diffusers rescales ᾱ, then turns it back into betas
+            bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
+            betas = 1 - torch.cat([bar[0:1], bar[1:] / bar[:-1]])
+        return torch.cumprod(1.0 - betas, dim=0)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, **_) -> torch.Tensor:
+        alpha_prod_t, alpha_prod_prev, _ = self._alphas(timestep)
+        beta_prod_t = 1 - alpha_prod_t
+        original = self._original_sample(model_output, sample, alpha_prod_t)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            noise = model_output
+        elif kind == "sample":
+            noise = (sample - alpha_prod_t ** 0.5 * original) / beta_prod_t ** 0.5
+        else:
+            noise = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
+        if self.config.clip_sample:
+            original = original.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return alpha_prod_prev ** 0.5 * original + (1 - alpha_prod_prev) ** 0.5 * noise
+
+
 class DPMScheduler(CogVideoXScheduler):
     """CogVideoX's stochastic DPM-Solver++ (2M): a first-order step, then second-order steps using
     the previous step's x0 prediction. Its draws from the generator: one on the first and the last
@@ -170,11 +219,19 @@ class DPMScheduler(CogVideoXScheduler):
 
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMScheduler}
+CLASSES = {name: cls for cls in (DDIMScheduler, GenericDDIMScheduler, DPMScheduler) for name in cls.CLASS_NAMES}
+# keys of diffusers' DPMSolverMultistepScheduler that describe its own solver: dropped when a `kind`
+# replaces that solver (as diffusers' from_config drops them), except the sigma schedules, which
+# change the timesteps and ours cannot follow
+SOLVER_KEYS = {"solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+               "final_sigmas_type", "lambda_min_clipped", "variance_type", "flow_shift", "time_shift_type"}
+SIGMA_SCHEDULE_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                       "use_flow_sigmas", "use_dynamic_shifting")
 
 
 def load_scheduler(folder: str | Path, kind: str | None = None) -> CogVideoXScheduler:
     """The scheduler of a folder, of the class its config names, or of `kind` ("ddim" / "dpm") with
-    the folder's schedule settings."""
+    the folder's schedule settings ("ddim" on a folder naming diffusers' DDIMScheduler: that one)."""
     if kind is not None and kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(SCHEDULERS)}")
     folder = Path(folder)
@@ -183,15 +240,21 @@ def load_scheduler(folder: str | Path, kind: str | None = None) -> CogVideoXSche
         path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no scheduler_config.json")
-    config = json.loads(path.read_text())
+    config = loading.read_json(path)
+    name = config.get("_class_name")
     if kind is None:
-        name = config.get("_class_name")
-        matches = [cls for cls in SCHEDULERS.values() if name in cls.CLASS_NAMES]
-        if not matches:
-            raise ValueError(f"{str(path)!r} names scheduler {name!r}; supported: CogVideoXDDIMScheduler, "
-                             "CogVideoXDPMScheduler")
-        return matches[0](config)
-    return SCHEDULERS[kind](config)
+        if name not in CLASSES:
+            raise ValueError(f"{str(path)!r} names scheduler {name!r}; supported: {', '.join(CLASSES)} "
+                             "(or force one with kind='ddim' / 'dpm')")
+        cls = CLASSES[name]
+    else:
+        cls = GenericDDIMScheduler if kind == "ddim" and name in GenericDDIMScheduler.CLASS_NAMES else SCHEDULERS[kind]
+        schedules = [key for key in SIGMA_SCHEDULE_KEYS if config.get(key)]
+        if schedules:
+            raise ValueError(f"{str(path)!r} sets {', '.join(schedules)}: a sigma schedule the CogVideoX samplers "
+                             "cannot follow")
+        config = {k: v for k, v in config.items() if k not in SOLVER_KEYS and k not in SIGMA_SCHEDULE_KEYS}
+    return cls(SchedulerConfig.from_dict({**cls.DEFAULTS, **config}, source=path))
 
 
 def dynamic_guidance(guidance_scale: float, timestep: float, num_inference_steps: int) -> float:

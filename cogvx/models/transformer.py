@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cogvx_kernels._registry import BACKENDS
 from cogvx_kernels.nn import JointAttention, Rope3D
 
 from .. import loading
@@ -23,34 +24,42 @@ from .embeddings import PatchEmbed, TimestepMLP, sincos_positions_3d, timestep_e
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 
 
+def check_backend(backend: str | None) -> str | None:
+    """A kernel backend name the ops know, or None (automatic); refused here, at construction,
+    rather than at the first forward."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None (automatic); got {backend!r}")
+    return backend
+
+
 @dataclass(frozen=True)
 class TransformerConfig(loading.DiffusersConfig):
     """diffusers' `CogVideoXTransformer3DModel` config (same keys, same defaults: CogVideoX-2B's)."""
-    num_attention_heads: int = 30
-    attention_head_dim: int = 64
-    in_channels: int = 16
-    out_channels: int | None = 16
+    num_attention_heads: loading.PositiveInt = 30
+    attention_head_dim: loading.PositiveInt = 64
+    in_channels: loading.PositiveInt = 16
+    out_channels: loading.PositiveInt | None = 16
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    time_embed_dim: int = 512
-    ofs_embed_dim: int | None = None
-    text_embed_dim: int = 4096
-    num_layers: int = 30
-    dropout: float = 0.0
+    time_embed_dim: loading.PositiveInt = 512
+    ofs_embed_dim: loading.NonNegativeInt | None = None  # 0, like None, means no ofs embedding (as in diffusers)
+    text_embed_dim: loading.PositiveInt = 4096
+    num_layers: loading.PositiveInt = 30
+    dropout: loading.UnitFloat = 0.0
     attention_bias: bool = True
-    sample_width: int = 90
-    sample_height: int = 60
-    sample_frames: int = 49
-    patch_size: int = 2
-    patch_size_t: int | None = None
-    temporal_compression_ratio: int = 4
-    max_text_seq_length: int = 226
+    sample_width: loading.PositiveInt = 90
+    sample_height: loading.PositiveInt = 60
+    sample_frames: loading.PositiveInt = 49
+    patch_size: loading.PositiveInt = 2
+    patch_size_t: loading.PositiveInt | None = None
+    temporal_compression_ratio: loading.PositiveInt = 4
+    max_text_seq_length: loading.PositiveInt = 226
     activation_fn: str = "gelu-approximate"
     timestep_activation_fn: str = "silu"
     norm_elementwise_affine: bool = True
-    norm_eps: float = 1e-5
-    spatial_interpolation_scale: float = 1.875
-    temporal_interpolation_scale: float = 1.0
+    norm_eps: loading.PositiveFloat = 1e-5
+    spatial_interpolation_scale: loading.PositiveFloat = 1.875
+    temporal_interpolation_scale: loading.PositiveFloat = 1.0
     use_rotary_positional_embeddings: bool = False
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
@@ -72,6 +81,9 @@ class TransformerConfig(loading.DiffusersConfig):
                             "the ofs embedding is added to the time embedding")
         if self.attention_head_dim % 8 and self.use_rotary_positional_embeddings:
             problems.append(f"attention_head_dim must be a multiple of 8 for 3D-RoPE; got {self.attention_head_dim}")
+        if self.use_rotary_positional_embeddings and min(self.sample_height, self.sample_width) < self.patch_size:
+            problems.append(f"sample_height and sample_width ({self.sample_height}, {self.sample_width}) must be at "
+                            f"least patch_size ({self.patch_size}): 3D-RoPE's base grid is their quotient")
         return problems
 
 
@@ -189,6 +201,7 @@ class Transformer3D(nn.Module):
 
     def __init__(self, config: TransformerConfig | dict | None = None, *, backend: str | None = None):
         super().__init__()
+        backend = check_backend(backend)
         self.config = c = TransformerConfig.of(config)
         dim = c.inner_dim
         learned = None
@@ -210,14 +223,15 @@ class Transformer3D(nn.Module):
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | None = None, device=None,
+    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | str | None = None, device=None,
                         backend: str | None = None) -> "Transformer3D":
         """Load a diffusers-format folder (config.json + safetensors, sharded or not; a pipeline
-        root with a transformer/ subfolder works too). dtype None keeps the checkpoint's dtype.
-        The model is built on the meta device and takes the loaded tensors as they are: the weights
-        are never held twice."""
+        root with a transformer/ subfolder works too). dtype None keeps the checkpoint's dtype
+        (names such as "bf16" are accepted: `loading.resolve_dtype`). The model is built on the meta
+        device and takes the loaded tensors as they are: the weights are never held twice."""
+        dtype, device = loading.resolve_dtype(dtype), loading.resolve_device(device)
         folder = loading.component_folder(folder, "transformer")
-        config = TransformerConfig.from_dict(loading.read_config(folder, DIFFUSERS_CLASS))
+        config = loading.read_config(folder, TransformerConfig, DIFFUSERS_CLASS)
         with torch.device("meta"):
             model = cls(config, backend=backend)
         loading.load_weights(model, folder, dtype=dtype, device=device)
@@ -228,6 +242,7 @@ class Transformer3D(nn.Module):
         loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size)
 
     def set_backend(self, backend: str | None) -> "Transformer3D":
+        backend = check_backend(backend)
         for module in self.modules():
             if isinstance(module, (JointAttention, Rope3D)):
                 module.backend = backend

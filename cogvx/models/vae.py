@@ -32,24 +32,24 @@ DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
 @dataclass(frozen=True)
 class VAEConfig(loading.DiffusersConfig):
     """diffusers' `AutoencoderKLCogVideoX` config (same keys and defaults)."""
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple = ("CogVideoXDownBlock3D",) * 4
-    up_block_types: tuple = ("CogVideoXUpBlock3D",) * 4
-    block_out_channels: tuple = (128, 256, 256, 512)
-    latent_channels: int = 16
-    layers_per_block: int = 3
+    in_channels: loading.PositiveInt = 3
+    out_channels: loading.PositiveInt = 3
+    down_block_types: tuple[str, ...] = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple[str, ...] = ("CogVideoXUpBlock3D",) * 4
+    block_out_channels: tuple[loading.PositiveInt, ...] = (128, 256, 256, 512)
+    latent_channels: loading.PositiveInt = 16
+    layers_per_block: loading.PositiveInt = 3
     act_fn: str = "silu"
-    norm_eps: float = 1e-6
-    norm_num_groups: int = 32
-    temporal_compression_ratio: float = 4
-    sample_height: int = 480
-    sample_width: int = 720
-    scaling_factor: float = 1.15258426
+    norm_eps: loading.PositiveFloat = 1e-6
+    norm_num_groups: loading.PositiveInt = 32
+    temporal_compression_ratio: loading.PositiveFloat = 4
+    sample_height: loading.PositiveInt = 480
+    sample_width: loading.PositiveInt = 720
+    scaling_factor: loading.PositiveFloat = 1.15258426
     shift_factor: float | None = None
-    latents_mean: tuple | None = None
-    latents_std: tuple | None = None
-    force_upcast: float = True
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True  # diffusers annotates float, writes true
     use_quant_conv: bool = False
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
@@ -67,6 +67,9 @@ class VAEConfig(loading.DiffusersConfig):
             problems.append("down_block_types, up_block_types and block_out_channels must have the same length")
         if self.use_quant_conv or self.use_post_quant_conv:
             problems.append("use_quant_conv / use_post_quant_conv are not used by CogVideoX and not supported")
+        if any(ch % self.norm_num_groups for ch in self.block_out_channels):
+            problems.append(f"block_out_channels {list(self.block_out_channels)} must be multiples of norm_num_groups "
+                            f"({self.norm_num_groups}): GroupNorm splits channels into equal groups")
         return problems
 
 
@@ -506,12 +509,13 @@ class CausalVAE(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | None = None, device=None,
+    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype | str | None = None, device=None,
                         chunking: str = "diffusers", parts: tuple[str, ...] = PARTS) -> "CausalVAE":
         """Load a diffusers-format VAE folder (or a pipeline root with vae/); see Transformer3D.
         parts=("decoder",) reads only the decoder's weights (a decode-only use never holds the encoder)."""
+        dtype, device = loading.resolve_dtype(dtype), loading.resolve_device(device)
         folder = loading.component_folder(folder, "vae")
-        config = VAEConfig.from_dict(loading.read_config(folder, DIFFUSERS_CLASS))
+        config = loading.read_config(folder, VAEConfig, DIFFUSERS_CLASS)
         with torch.device("meta"):
             model = cls(config, chunking=chunking, parts=parts)
         skip = tuple(f"{part}." for part in cls.PARTS if part not in parts)
