@@ -8,6 +8,8 @@ layouts) and draws random numbers exactly as it does, so a seeded run equals dif
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from ._progress import progress_bar
 from ._random import randn
 from .models import CausalVAE, Transformer3D
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
-from .text import TextEncoder
+from .text import MAX_TOKENS, TextEncoder
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -45,7 +47,7 @@ class Pipeline:
         self._encoder_vae: CausalVAE | None = None
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None,
+    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
                         scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
         """A diffusers-layout folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
         scheduler/. `scheduler` "ddim" / "dpm" overrides the folder's scheduler class (its schedule
@@ -78,21 +80,23 @@ class Pipeline:
         return self.transformer.proj_out.weight.dtype
 
     # -- the steps ----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, progress: bool = False):
-        """(prompt embeddings, negative prompt embeddings or None), truncation reported as a warning."""
-        for text, cut in zip(prompt, self.text_encoder.truncated(prompt)):
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, progress: bool = False,
+                      max_sequence_length: int = MAX_TOKENS):
+        """(prompt embeddings, negative prompt embeddings or None), each (B, max_sequence_length, dim):
+        the tokens padded or truncated to that length, as diffusers; truncation reported as a warning."""
+        for text, cut in zip(prompt, self.text_encoder.truncated(prompt, max_sequence_length)):
             if cut:
-                warnings.warn(f"prompt longer than {self.text_encoder.max_length} tokens; dropped: {cut!r}")
+                warnings.warn(f"prompt longer than {max_sequence_length} tokens (max_sequence_length); "
+                              f"dropped: {cut!r}")
         groups = [prompt] if negative_prompt is None else [prompt, negative_prompt]
-        encoded = [self.text_encoder.encode(texts, device=self.device)
+        encoded = [self.text_encoder.encode(texts, device=self.device, max_length=max_sequence_length)
                    for texts in progress_bar(groups, progress, "text encoding")]
         positive, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         if self.offload_text_encoder:  # T5-XXL is ~9 GB in bf16: off the GPU once the prompts are encoded
             self.text_encoder.to("cpu")
         return positive, negative
 
-    def _check(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-               output_type):
+    def _check(self, prompt, negative_prompt, num_frames, height, width, guidance_scale, output_type):
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt is not None and (not prompt or not all(isinstance(p, str) for p in prompt)):
@@ -102,12 +106,10 @@ class Pipeline:
             if prompt is not None and len(negative_prompt) != len(prompt):
                 raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
         ratio = int(self.vae.config.temporal_compression_ratio)
-        if num_frames < 1 or (num_frames - 1) % ratio:
+        if (num_frames - 1) % ratio:
             raise ValueError(f"num_frames must be 1 + {ratio}·k (e.g. 49); got {num_frames}")
-        if height % 16 or width % 16 or height <= 0 or width <= 0:
+        if height % 16 or width % 16:
             raise ValueError(f"height and width must be positive multiples of 16; got {height}×{width}")
-        if num_inference_steps <= 0:
-            raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
         if guidance_scale < 1 and negative_prompt is not None and any(negative_prompt):
             raise ValueError(f"guidance_scale {guidance_scale} < 1 disables guidance: the negative prompt would "
                              "be ignored")
@@ -122,15 +124,30 @@ class Pipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "np", image=None, video=None, strength: float = 0.8,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 progress: bool = True) -> PipelineOutput:
+                 max_sequence_length: int = MAX_TOKENS, progress: bool = True) -> PipelineOutput:
         """Text-to-video; image-to-video with `image` (an I2V checkpoint: the image's latent conditions
         every step); video-to-video with `video` (a list of frames noised to `strength`, then denoised).
-        `prompt_embeds` / `negative_prompt_embeds` (B, 226, text dim) replace the prompts' encoding."""
+        `prompt_embeds` / `negative_prompt_embeds` (B, max_sequence_length, text dim) replace the
+        prompts' encoding; prompts are padded or truncated to max_sequence_length tokens (226, as
+        diffusers; a learned position table fixes it to the model's max_text_seq_length)."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds")
         c, spatial = self.transformer.config, self.vae.config.spatial_factor
-        height = height or c.sample_height * spatial
-        width = width or c.sample_width * spatial
+        height = c.sample_height * spatial if height is None else height  # 0 is an error, not "the default"
+        width = c.sample_width * spatial if width is None else width
+        counts = dict(height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+                      max_sequence_length=max_sequence_length)
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name, value in [("guidance_scale", guidance_scale), ("strength", strength)]:
+            # NaN compares False with everything: it would silently turn guidance off
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if c.use_learned_positional_embeddings and prompt is not None and max_sequence_length != c.max_text_seq_length:
+            raise ValueError(f"max_sequence_length must be {c.max_text_seq_length} for this model (its learned "
+                             f"position table covers that many text tokens); got {max_sequence_length}")
         if image is not None and video is not None:
             raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
         i2v = c.in_channels == 2 * self.vae.config.latent_channels
@@ -141,21 +158,30 @@ class Pipeline:
         if video is not None:
             if not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1]; got {strength}")
+            if int(num_inference_steps * strength) == 0:  # diffusers would start past the last step
+                raise ValueError(f"strength × num_inference_steps ({strength} × {num_inference_steps}) leaves no "
+                                 f"denoising step: raise num_inference_steps to at least {math.ceil(1 / strength)} "
+                                 f"or strength to at least 1/{num_inference_steps}")
             video = preprocess(video, height, width).to(self.device, self.dtype)       # (B=1, 3, F, H, W)
             num_frames = video.shape[2]
-        num_frames = num_frames or c.sample_frames
-        prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width,
-                                              num_inference_steps, guidance_scale, output_type)
+        num_frames = c.sample_frames if num_frames is None else num_frames
+        prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width, guidance_scale,
+                                              output_type)
         guided = guidance_scale > 1.0
         clock = time.perf_counter()
         if prompt_embeds is None:
             if guided and negative_prompt is None:
                 negative_prompt = [""] * len(prompt)
-            positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None, progress)
+            positive, negative = self.encode_prompt(prompt, negative_prompt if guided else None, progress,
+                                                    max_sequence_length)
         else:
             positive, negative = prompt_embeds.to(self.device), negative_prompt_embeds
             if guided and negative is None:
-                negative = self.encode_prompt([""] * len(positive), None)[0]
+                negative = self.encode_prompt([""] * len(positive), None, max_sequence_length=max_sequence_length)[0]
+            if guided and negative.shape != positive.shape:
+                raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds, "
+                                 f"{tuple(positive.shape)}; got {tuple(negative.shape)} (max_sequence_length sets "
+                                 "the length of encoded prompts)")
         self.timings = {"text": time.perf_counter() - clock}
         clock = time.perf_counter()
         embeddings = torch.cat([negative.to(positive), positive]) if guided else positive  # uncond first, as diffusers

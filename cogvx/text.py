@@ -28,14 +28,18 @@ class TextEncoder:
         model = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
         return cls(tokenizer, model.to(device) if device is not None else model)
 
-    def truncated(self, prompts: list[str]) -> list[str]:
+    def truncated(self, prompts: list[str], max_length: int | None = None) -> list[str]:
         """The part of each prompt that does not fit in max_length tokens ('' when it fits)."""
+        n = self.max_length if max_length is None else max_length
         ids = self.tokenizer(prompts, add_special_tokens=True).input_ids
-        return [self.tokenizer.decode(i[self.max_length - 1:-1]) if len(i) > self.max_length else "" for i in ids]
+        return [self.tokenizer.decode(i[n - 1:-1]) if len(i) > n else "" for i in ids]
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+    def encode(self, prompts: list[str], *, device=None, dtype: torch.dtype | None = None,
+               max_length: int | None = None) -> torch.Tensor:
+        """(B, max_length, dim) embeddings: padded or truncated to max_length tokens (default self.max_length)."""
+        n = self.max_length if max_length is None else max_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True,
                              add_special_tokens=True, return_tensors="pt").input_ids
         model_device = next(self.model.parameters()).device
         embeddings = self.model(ids.to(model_device))[0]

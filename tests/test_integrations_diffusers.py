@@ -116,3 +116,35 @@ def test_accelerate_puts_our_kernels_into_a_diffusers_pipeline(tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     actual = pipe("a red cat", generator=torch.Generator().manual_seed(0), **call).frames
     assert abs(actual - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("missing", ["transformer", "vae"])
+def test_accelerate_swaps_the_parts_a_pipeline_has(tmp_path, missing):
+    """diffusers allows pipeline parts set to None (its test_encode_prompt_works_in_isolation builds
+    one without a transformer): accelerate swaps what is there, and the pipeline still works."""
+    from cogvx.tiny import build
+    from cogvx_kernels.integrations.diffusers import DiffusersCausalConv3d, accelerate
+
+    full = diffusers.CogVideoXPipeline.from_pretrained(build(tmp_path / "pipe"), dtype=torch.float32)
+    parts = {name: getattr(full, name) for name in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")}
+    pipe = diffusers.CogVideoXPipeline(**{**parts, missing: None})
+    latents = torch.randn(1, 4, 2, 8, 12, generator=torch.Generator().manual_seed(0))
+    expected = pipe.vae.decode(latents).sample if pipe.vae is not None else None
+    assert accelerate(pipe) is pipe
+    if pipe.transformer is not None:
+        assert all(isinstance(p, CogVideoXAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    if pipe.vae is not None:
+        assert any(isinstance(m, DiffusersCausalConv3d) for m in pipe.vae.modules())
+        assert (pipe.vae.decode(latents).sample - expected).abs().max() <= 1e-4
+    embeddings, _ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+    assert embeddings.shape == (1, 226, 32)
+
+
+def test_accelerate_rejects_a_pipeline_without_cogvideox_parts(tmp_path):
+    from cogvx_kernels.integrations.diffusers import accelerate
+
+    class NotCogVideoX:
+        transformer, vae = torch.nn.Linear(2, 2), None
+
+    with pytest.raises(ValueError, match="with a CogVideoX transformer or VAE; got transformer=Linear, vae=NoneType"):
+        accelerate(NotCogVideoX())

@@ -60,7 +60,16 @@ def test_output_types_and_no_guidance(folder):
 @pytest.mark.parametrize("change,message", [
     (dict(num_frames=8), r"num_frames must be 1 \+ 4·k"),
     (dict(height=72), "multiples of 16"),
-    (dict(num_inference_steps=0), "num_inference_steps must be positive"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer; got 0"),
+    (dict(height=0), "height must be a positive integer; got 0"),  # 0 is not "the default"
+    (dict(width=-16), "width must be a positive integer; got -16"),
+    (dict(num_frames=0), "num_frames must be a positive integer; got 0"),
+    (dict(num_frames=9.0), "num_frames must be a positive integer; got 9.0"),
+    (dict(max_sequence_length=0), "max_sequence_length must be a positive integer; got 0"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number; got nan"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number; got inf"),
+    (dict(guidance_scale="6"), "guidance_scale must be a finite number; got '6'"),
+    (dict(strength=float("nan")), "strength must be a finite number; got nan"),
     (dict(guidance_scale=0.5, negative_prompt="ugly"), "guidance_scale 0.5 < 1"),
     (dict(output_type="gif"), "output_type must be one of"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries for 1 prompts"),
@@ -76,6 +85,9 @@ def test_long_prompts_warn_and_missing_parts_raise(folder, tmp_path):
     ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
     with pytest.warns(UserWarning, match="prompt longer than 226 tokens"):
         ours("cat " * 300, **{**CALL, "num_inference_steps": 1, "output_type": "latent", "progress": False})
+    with pytest.warns(UserWarning, match=r"prompt longer than 16 tokens \(max_sequence_length\); dropped: 'cat cat"):
+        ours("cat " * 20, max_sequence_length=16,
+             **{**CALL, "num_inference_steps": 1, "output_type": "latent", "progress": False})
     with pytest.raises(FileNotFoundError, match="not a CogVideoX pipeline folder"):
         Pipeline.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text("{}")
@@ -126,6 +138,41 @@ def test_video_to_video_equals_diffusers(folder, prompts):
         ours("a dog", image=video[0], **CALL)
 
 
+def test_strength_leaving_no_step_raises(folder):
+    """diffusers starts video-to-video at step S − int(S·strength): with int(S·strength) = 0 nothing
+    would be denoised."""
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    video = frames_of(1, 9)
+    run = dict(output_type="latent", progress=False, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"strength × num_inference_steps \(0.2 × 4\) leaves no denoising step: "
+                                         r"raise num_inference_steps to at least 5 or strength to at least 1/4"):
+        ours("a dog", video=video, strength=0.2, num_inference_steps=4, **run)
+    assert ours("a dog", video=video, strength=0.25, num_inference_steps=4, **run).frames.shape == (1, 3, 4, 8, 12)
+
+
+def test_max_sequence_length_equals_diffusers(tmp_path):
+    """A model whose learned position table covers 16 text tokens (diffusers' I2V test model) runs with
+    max_sequence_length=16 (prompts padded/truncated to 16 tokens) and equals diffusers."""
+    folder = build(tmp_path / "i2v16", variant="i2v", transformer=dict(max_text_seq_length=16))
+    ref = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
+    image = frames_of(4, 1)[0]
+    kwargs = dict(CALL, guidance_scale=6.0, output_type="np", max_sequence_length=16)
+    prompt = "a red cat walking in a green garden near a small river under a bright blue sky at night"  # > 16 tokens
+    expected = ref(image=image, prompt=prompt, negative_prompt="dark", generator=torch.Generator().manual_seed(6),
+                   **kwargs).frames
+    with pytest.warns(UserWarning, match="prompt longer than 16 tokens"):
+        actual = ours(prompt, "dark", image=image, generator=torch.Generator().manual_seed(6), progress=False,
+                      **kwargs).frames
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-4
+    positive, negative = ours.encode_prompt(["a red cat"], ["dark"], max_sequence_length=16)
+    assert positive.shape == negative.shape == (1, 16, 32)
+    with pytest.raises(ValueError, match="max_sequence_length must be 16 for this model"):
+        ours(prompt, image=image, **CALL)
+
+
 def test_prompt_embeddings_replace_the_prompt(folder):
     ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
     run = dict(CALL, output_type="latent", progress=False)
@@ -136,6 +183,8 @@ def test_prompt_embeddings_replace_the_prompt(folder):
     assert torch.equal(from_text, from_embeds)
     with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
         ours("a cat", prompt_embeds=positive, **run)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds must have the shape of prompt_embeds"):
+        ours(None, prompt_embeds=positive[:, :16], max_sequence_length=20, **run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

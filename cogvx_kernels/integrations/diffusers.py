@@ -105,15 +105,26 @@ def _swap_causal_convs(module: nn.Module, backend: str | None) -> int:
     return swapped
 
 
+def _is_a(module, class_name: str) -> bool:
+    """Whether module is diffusers' `class_name` or a subclass (by name: diffusers is not imported here)."""
+    return any(cls.__name__ == class_name for cls in type(module).__mro__)
+
+
 def accelerate(pipe, *, backend: str | None = None):
     """Put cogvx kernels into a diffusers CogVideoX pipeline (CogVideoXPipeline, ...ImageToVideo,
     ...VideoToVideo) in place, without touching weights: our attention processor (fused q/k
     LayerNorm + 3D-RoPE, flash attention) in its transformer and our causal conv in its VAE.
+    Only the CogVideoX parts present are swapped (diffusers lets a pipeline hold None for a part).
     Returns the pipeline."""
     transformer, vae = getattr(pipe, "transformer", None), getattr(pipe, "vae", None)
-    if transformer is None or not hasattr(transformer, "set_attn_processor"):
-        raise ValueError("accelerate(pipe) expects a diffusers CogVideoX pipeline with a transformer")
-    transformer.set_attn_processor(CogVideoXAttnProcessor(backend=backend))
+    transformer = transformer if _is_a(transformer, "CogVideoXTransformer3DModel") else None
+    vae = vae if _is_a(vae, "AutoencoderKLCogVideoX") else None
+    if transformer is None and vae is None:
+        raise ValueError("accelerate(pipe) expects a diffusers CogVideoX pipeline with a CogVideoX transformer "
+                         f"or VAE; got transformer={type(getattr(pipe, 'transformer', None)).__name__}, "
+                         f"vae={type(getattr(pipe, 'vae', None)).__name__}")
+    if transformer is not None:
+        transformer.set_attn_processor(CogVideoXAttnProcessor(backend=backend))
     if vae is not None:
         _swap_causal_convs(vae, backend)
     return pipe
