@@ -7,7 +7,6 @@ layouts) and draws random numbers exactly as it does, so a seeded run equals dif
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -20,6 +19,7 @@ import torch
 
 from ._progress import progress_bar
 from ._random import randn
+from .loading import read_json, resolve_device, resolve_dtype
 from .models import CausalVAE, Transformer3D
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
 from .text import MAX_TOKENS, TextEncoder
@@ -47,15 +47,17 @@ class Pipeline:
         self._encoder_vae: CausalVAE | None = None
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
+    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype | str | None = torch.bfloat16, device=None,
                         scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
         """A diffusers-layout folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
         scheduler/. `scheduler` "ddim" / "dpm" overrides the folder's scheduler class (its schedule
-        settings are kept)."""
+        settings are kept). `dtype`: a torch dtype or a name ("bf16", "fp32", ...; None keeps the
+        transformer checkpoint's), checked with `device` before anything loads."""
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
         root = Path(root)
         if not (root / "model_index.json").is_file():
             raise FileNotFoundError(f"{str(root)!r} is not a CogVideoX pipeline folder (no model_index.json)")
-        index = json.loads((root / "model_index.json").read_text())
+        index = read_json(root / "model_index.json")
         missing = [part for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
                    if not (root / part).is_dir()]
         if missing:
@@ -64,6 +66,7 @@ class Pipeline:
                                              "CogVideoXVideoToVideoPipeline"):
             warnings.warn(f"{root}: model_index.json names {index.get('_class_name')}; loading it as CogVideoX")
         transformer = Transformer3D.from_pretrained(root / "transformer", dtype=dtype, device=device)
+        dtype = transformer.proj_out.weight.dtype  # None: the transformer checkpoint's, for every part
         vae = CausalVAE.from_pretrained(root / "vae", dtype=dtype, device=device, parts=("decoder",))
         text_encoder = TextEncoder.from_pretrained(root, dtype=dtype, device=device)
         pipe = cls(transformer, vae, text_encoder, load_scheduler(root / "scheduler", scheduler),

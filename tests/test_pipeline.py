@@ -197,3 +197,16 @@ def test_half_precision_pipeline_is_finite_and_close(folder, dtype):
                                                           **run).frames
     assert np.isfinite(half).all()
     assert np.abs(half - full).mean() < 0.05, np.abs(half - full).mean()
+
+
+def test_from_pretrained_takes_dtype_names_and_refuses_bad_ones_before_loading(tmp_path):
+    from cogvx.cli import DEFAULT_MODEL
+
+    pipe = Pipeline.from_pretrained(DEFAULT_MODEL, dtype="fp32")
+    assert pipe.dtype == torch.float32 and pipe.text_encoder.model.dtype == torch.float32
+    assert next(Pipeline.from_pretrained(DEFAULT_MODEL, dtype="bfloat16").vae.parameters()).dtype == torch.bfloat16
+    for bad in ("bf17", 5, torch.complex64):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            Pipeline.from_pretrained(tmp_path / "absent", dtype=bad)  # refused before the folder is looked at
+    with pytest.raises(ValueError, match="is not a device torch knows"):
+        Pipeline.from_pretrained(DEFAULT_MODEL, device="gpu0")
