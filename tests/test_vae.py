@@ -260,3 +260,21 @@ def test_half_precision_is_as_close_as_diffusers(pair, tmp_path, dtype):
     assert torch.isfinite(actual).all()
     our_err = (actual.double() - truth).abs().max().item()
     assert our_err <= 1.5 * their_err + 5e-3 * truth.abs().max().item(), (our_err, their_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_encode_is_as_close_as_diffusers(pair, tmp_path, dtype):
+    """Encode in bf16/fp16 (the temporal downsample's pair mean included): finite, and no further
+    from the fp32 posterior mean than diffusers in the same dtype (1.5× its error + 0.5 % of scale)."""
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "vae")
+    ours = CausalVAE.from_pretrained(tmp_path / "vae", dtype=dtype)
+    video = torch.rand(2, 3, 9, 32, 48, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        truth = ref.encode(video).latent_dist.mean.double()
+        theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae", torch_dtype=dtype).eval()
+        their_err = (theirs.encode(video.to(dtype)).latent_dist.mean.double() - truth).abs().max().item()
+        actual = ours.encode(video.to(dtype)).mean
+    assert torch.isfinite(actual).all()
+    our_err = (actual.double() - truth).abs().max().item()
+    assert our_err <= 1.5 * their_err + 5e-3 * truth.abs().max().item(), (our_err, their_err)

@@ -314,8 +314,9 @@ class Downsample3D(nn.Module):
         padded[:, :, :, h].zero_()
         padded[:, :, :, :h, w].zero_()
         padded[:, :, :keep, :h, :w] = x[:, :, :keep]
-        if keep < t:
-            padded[:, :, keep:, :h, :w] = F.avg_pool3d(x[:, :, keep:], (2, 1, 1))
+        if keep < t:  # the mean of each pair: (a + b) · ½ rounds as avg_pool does (halving is exact),
+            # and also runs in bf16/fp16 on CPU, where avg_pool3d has no kernel
+            torch.add(x[:, :, keep::2], x[:, :, keep + 1::2], out=padded[:, :, keep:, :h, :w]).mul_(0.5)
         return _per_frame(self.conv, padded)
 
 
