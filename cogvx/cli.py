@@ -3,51 +3,120 @@
     cogvx generate --prompt "a red cat walking" [--model FOLDER] [--out out.mp4] ...
     cogvx info
 
-Errors from bad input end the run with one line on stderr (no traceback) and exit status 2;
-nothing is left half-written: the video goes to a temporary file renamed into place at the end.
+Errors from bad input end the run with one line on stderr (no traceback) and exit status 2; what
+can be checked without the weights (flags, output path, sizes against memory, input files, weight
+file headers) is checked before the model loads. Nothing is left half-written: the video goes to a
+temporary file renamed into place at the end, also on Ctrl-C and SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
-from ._atomic import atomic_folder, atomic_write
+from ._atomic import atomic_folder, atomic_write, probe
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-cogvideox"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 VIDEO_SUFFIXES = (".mp4", ".gif")
+DEFAULT_STRENGTH = 0.8
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the writers' cleanup runs (a KeyboardInterrupt: no `except
+    Exception` swallows it)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage block + "prog: error:" -> our one line
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (leave it out for the model's default); "
+                                         f"got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return value
+
+
+def _strength(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if not 0 <= value < 2**64:  # torch wraps negatives (-1 is 2**64 - 1): one spelling per seed
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64) (torch.Generator.manual_seed's "
+                                         f"range); got {value}")
+    return value
+
+
+def _utf8_text(text: str) -> str:
+    try:  # bytes of argv that are not UTF-8 arrive as lone surrogates, which the tokenizer cannot take
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 (an undecodable byte at character {exc.start}); "
+                                         "pass the text in UTF-8") from None
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cogvx", description="CogVideoX text-to-video on cogvx kernels")
+    p = _Parser(prog="cogvx", description="CogVideoX text-to-video on cogvx kernels")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a video from a prompt")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--prompt", required=True, type=_utf8_text)
+    g.add_argument("--negative-prompt", default=None, type=_utf8_text)
     g.add_argument("--model", type=Path, default=None,
                    help="a diffusers-layout CogVideoX folder (default: the tiny embedded model)")
-    g.add_argument("--frames", type=int, default=None, help="1 + 4k (default: the model's, 49 for CogVideoX)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=6.0)
+    g.add_argument("--frames", type=_positive_int, default=None,
+                   help="1 + 4k (default: the model's, 49 for CogVideoX)")
+    g.add_argument("--height", type=_positive_int, default=None, help="a multiple of 16 (default: the model's)")
+    g.add_argument("--width", type=_positive_int, default=None, help="a multiple of 16 (default: the model's)")
+    g.add_argument("--steps", type=_positive_int, default=50)
+    g.add_argument("--guidance", type=_finite_float, default=6.0)
     g.add_argument("--dynamic-cfg", action="store_true")
     g.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the model's")
-    g.add_argument("--seed", type=int, default=None, help='torch.Generator("cpu").manual_seed(N)')
+    g.add_argument("--seed", type=_seed, default=None, help='0 <= N < 2**64: torch.Generator("cpu").manual_seed(N)')
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None)
     g.add_argument("--image", type=Path, default=None, help="image-to-video (an I2V model): the first frame")
     g.add_argument("--video", type=Path, default=None, help="video-to-video: the video to transform")
-    g.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of it is re-noised")
-    g.add_argument("--fps", type=int, default=None, help="default: 16 for CogVideoX 1.5 models, 8 otherwise")
+    g.add_argument("--strength", type=_strength, default=None,
+                   help=f"video-to-video: how much of it is re-noised, in (0, 1] (default {DEFAULT_STRENGTH})")
+    g.add_argument("--fps", type=_positive_int, default=None, help="default: 16 for CogVideoX 1.5 models, 8 otherwise")
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
     g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
@@ -55,71 +124,278 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--guidance -inf` -> `--guidance=-inf`: argparse takes a value starting with '-' for an option
+    unless it looks like a plain negative number ('-inf', '-1e3' and '-a cat' do not)."""
+    out, i = [], 0
+    while i < len(argv):
+        token, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if (token.startswith("--") and token != "--" and "=" not in token and following is not None
+                and following.startswith("-") and not following.startswith("--") and following != "-h"):
+            out.append(f"{token}={following}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+def _config_int(config: dict, key: str, default, where: str):
+    value = config.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{where}: {key} must be a positive integer; got {value!r}")
+    return value
+
+
+def _vae_geometry(vae: dict) -> tuple[int, int, list[int]]:
+    """(temporal compression ratio, spatial factor, block_out_channels) of a vae/config.json dict."""
+    ratio = _config_int(vae, "temporal_compression_ratio", 4, "vae/config.json")
+    blocks = vae.get("block_out_channels", [128, 256, 256, 512])
+    if not isinstance(blocks, list) or not blocks or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocks):
+        raise ValueError(f"vae/config.json: block_out_channels must be a list of positive integers; got {blocks!r}")
+    return ratio, 2 ** (len(blocks) - 1), blocks
+
+
+def memory_estimate(transformer: dict, vae: dict, *, frames: int, height: int, width: int, itemsize: int,
+                    guided: bool, tile: bool = False, weights: int = 0, cpu: bool = False) -> dict[str, int]:
+    """A lower bound, in bytes, of the peak memory of one generation, from the sizes and the
+    transformer/ and vae/ config.json dicts (missing keys: diffusers' defaults).
+
+    It counts only tensors that must exist at the same time, so a run it refuses cannot fit
+    (one it accepts may still not):
+    - weights: `weights` parameters in `itemsize` bytes (all parts are on the device together);
+    - denoising: the latents and the model input (batch 2 with guidance) and, inside a transformer
+      block, the residual stream, its normalised copy and q, k, v: 5 × batch × tokens × width (the
+      attention scores are never held whole: not counted);
+    - decoding: the decoded video and, in the last decoder stage, a chunk's block input and its
+      first conv's output (2 latent frames -> up to 2r video frames, block_out_channels[0] channels,
+      full resolution; not counted with `tile`: a tile's are small);
+    - output: the frames on the host as float32 and uint8 (5 bytes a value).
+    Returns those parts and the totals: "device" = weights + max(denoising, decoding), "host" = output;
+    with `cpu` one memory holds all: "device" = weights + the largest phase, "host" = 0."""
+    t, v = "transformer/config.json", "vae/config.json"
+    heads = _config_int(transformer, "num_attention_heads", 30, t)
+    head_dim = _config_int(transformer, "attention_head_dim", 64, t)
+    patch = _config_int(transformer, "patch_size", 2, t)
+    patch_t = _config_int(transformer, "patch_size_t", None, t) or 1
+    text_tokens = _config_int(transformer, "max_text_seq_length", 226, t)
+    channels = _config_int(vae, "latent_channels", 16, v)
+    ratio, spatial, blocks = _vae_geometry(vae)
+    batch = 2 if guided else 1
+    latent_frames = -(-((frames - 1) // ratio + 1) // patch_t) * patch_t  # 1.5 pads to whole temporal patches
+    h, w = height // spatial, width // spatial
+    latents = latent_frames * channels * h * w
+    tokens = text_tokens + latent_frames // patch_t * (h // patch) * (w // patch)
+    denoising = itemsize * (latents * (1 + batch) + 5 * batch * tokens * heads * head_dim)
+    video = 3 * frames * height * width
+    decoding = itemsize * (video + (0 if tile else 2 * blocks[0] * min(frames, 2 * ratio) * height * width))
+    parts = dict(weights=itemsize * weights, denoising=denoising, decoding=decoding, output=5 * video)
+    if cpu:
+        return {**parts, "device": parts["weights"] + max(denoising, decoding, parts["output"]), "host": 0}
+    return {**parts, "device": parts["weights"] + max(denoising, decoding), "host": parts["output"]}
+
+
+def _available_ram() -> int:
+    """MemAvailable, or less when the process's cgroup (a container) allows less."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _check_memory(need: dict[str, int], device: str, args, frames: int, height: int, width: int) -> None:
+    import torch
+
+    limits = [("device", "RAM" if device == "cpu" else "GPU",
+               _available_ram() if device == "cpu" else torch.cuda.mem_get_info()[0])]
+    if device != "cpu":
+        limits.append(("host", "RAM", _available_ram()))
+    for key, memory, available in limits:
+        if need[key] > available:
+            parts = ", ".join(f"{k} {_gib(need[k])}" for k in ("weights", "denoising", "decoding", "output"))
+            raise UsageError(
+                f"{frames} frames at --height {height} --width {width} need at least {_gib(need[key])} of {memory} "
+                f"({parts}) but {_gib(available)} is available; lower --height/--width or --frames"
+                + ("" if args.tile else ", or decode in tiles with --tile"))
+
+
+def _weight_parameters(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    """Parameters in the folder's safetensors files, from their headers (no weights read); an
+    unreadable or truncated file is refused here, naming it, rather than deep in the load."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.safetensors.index.json"):  # shards: only those the index lists
+        weight_map = _read_json(index).get("weight_map")
+        if isinstance(weight_map, dict):
+            files = sorted({folder / str(name) for name in weight_map.values()})
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(skip))
+        except (OSError, SafetensorError) as exc:
+            raise UsageError(f"cannot read weights {path}: {_first_line(exc)} (a truncated or corrupt "
+                             "safetensors file?)") from None
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing (a CogVideoX pipeline folder has one in each part)") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise UsageError(f"cannot read {path}: {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} must hold a JSON object; got {type(config).__name__}")
+    return config
+
+
 def _check_output(out: Path) -> None:
-    parent = out.parent
-    if out.suffix and out.suffix.lower() not in VIDEO_SUFFIXES:
+    """Refuse an --out that writing would fail on, by creating (and removing) the very temporary
+    file or folder the writer will use, next to the target."""
+    suffix = out.suffix.lower()
+    if out.name.lower() in VIDEO_SUFFIXES:  # ".mp4" is a hidden name without suffix, not a video
+        raise UsageError(f"--out {out} has no name before the suffix; e.g. {out.with_name('out' + out.name)}")
+    if suffix and suffix not in VIDEO_SUFFIXES:
         raise UsageError(f"--out must end in .mp4 or .gif (or name a folder for PNG frames); got {out}")
-    if not parent.exists() or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent} (for --out {out})")
-    if not out.suffix and out.exists():
+    if not suffix and os.path.lexists(out):
         raise UsageError(f"{out} exists; choose another --out folder for the PNG frames")
+    if suffix and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name ending in {suffix} (or a new folder name "
+                         "for PNG frames)")
+    try:
+        probe(out, folder=not suffix)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"--out {out}: the name is too long (its temporary name, .NAME.XXXXXXXX"
+                             f"{out.suffix}, must also fit the file system's limit)") from None
+        raise UsageError(f"cannot write to {out.parent} (for --out {out}): {exc.strerror or exc}") from None
 
 
 def write_video(frames, out: Path, fps: int) -> None:
     """frames: (F, H, W, 3) uint8 -> an mp4, a gif, or (no suffix) a folder of PNGs, written under a
-    temporary name and renamed, so nothing half-written is ever left."""
+    temporary name and renamed, so nothing half-written is ever left. Write errors are UsageErrors
+    (one line); a PNG folder that appeared meanwhile (another run) is left as it is."""
     import numpy as np
     from PIL import Image
 
     out = Path(out)
-    if not out.suffix:
-        def pngs(folder: Path) -> None:
-            for i, frame in enumerate(frames):
-                Image.fromarray(np.asarray(frame)).save(folder / f"frame_{i:04d}.png")
-        atomic_folder(out, pngs)
-    elif out.suffix.lower() == ".gif":
-        def gif(tmp: str) -> None:
-            images = [Image.fromarray(np.asarray(f)) for f in frames]
-            images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        atomic_write(out, gif)
-    else:
-        def mp4(tmp: str) -> None:
-            import imageio_ffmpeg
+    try:
+        if not out.suffix:
+            def pngs(folder: Path) -> None:
+                for i, frame in enumerate(frames):
+                    Image.fromarray(np.asarray(frame)).save(folder / f"frame_{i:04d}.png")
+            atomic_folder(out, pngs)
+        elif out.suffix.lower() == ".gif":
+            def gif(tmp: str) -> None:
+                images = [Image.fromarray(np.asarray(f)) for f in frames]
+                images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+            atomic_write(out, gif)
+        else:
+            def mp4(tmp: str) -> None:
+                import imageio_ffmpeg
 
-            height, width = frames[0].shape[:2]
-            writer = imageio_ffmpeg.write_frames(tmp, (width, height), fps=fps, codec="libx264", quality=8,
-                                                 macro_block_size=1, ffmpeg_log_level="error")
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
-        atomic_write(out, mp4)
+                height, width = frames[0].shape[:2]
+                writer = imageio_ffmpeg.write_frames(tmp, (width, height), fps=fps, codec="libx264", quality=8,
+                                                     macro_block_size=1, ffmpeg_log_level="error")
+                writer.send(None)
+                for frame in frames:
+                    writer.send(np.ascontiguousarray(frame))
+                writer.close()
+            atomic_write(out, mp4)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno == errno.ENOTEMPTY:
+            raise UsageError(f"{out} was created by something else while this run wrote it (another run?); "
+                             "left as it is, nothing written") from None
+        raise UsageError(f"cannot write {out}: {exc.strerror or _first_line(exc)}; nothing written") from None
 
 
 def _read_image(path: Path):
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from None
+        with warnings.catch_warnings():  # PIL only warns up to twice its pixel limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UsageError(f"cannot read image {path}: {_first_line(exc)}") from None
 
 
 def _read_video(path: Path) -> list:
+    if not path.is_file():
+        raise UsageError(f"cannot read video {path}: no such file")
     try:
         import imageio.v3 as iio
 
         frames = iio.imread(path)
-    except Exception as exc:  # imageio raises many types for unreadable files
-        raise UsageError(f"cannot read video {path}: {exc}") from None
+    except Exception as exc:  # imageio raises many types; ffmpeg's banner follows the first line
+        raise UsageError(f"cannot read video {path}: not a readable video ({_first_line(exc)})") from None
     if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
         raise UsageError(f"cannot read video {path}: expected RGB frames, got an array of shape {frames.shape}")
     return [frame[..., :3] for frame in frames]
 
 
+def _preflight(args, model: Path, device: str, conditions: dict) -> tuple[int, int, int]:
+    """The model's configs and weight headers (no weights read) against the sizes, guidance, strength
+    and memory: (frames, height, width)."""
+    transformer = _read_json(model / "transformer" / "config.json")
+    vae = _read_json(model / "vae" / "config.json")
+    try:
+        ratio, spatial, _ = _vae_geometry(vae)
+        frames = len(conditions["video"]) if "video" in conditions else \
+            args.frames or _config_int(transformer, "sample_frames", 49, "transformer/config.json")
+        height = args.height or spatial * _config_int(transformer, "sample_height", 60, "transformer/config.json")
+        width = args.width or spatial * _config_int(transformer, "sample_width", 90, "transformer/config.json")
+    except ValueError as exc:
+        raise UsageError(f"{model}/{exc}") from None
+    if (frames - 1) % ratio:
+        what = f"--video {args.video} has {frames} frames" if "video" in conditions else f"got --frames {frames}"
+        raise UsageError(f"--frames must be 1 + {ratio}·k (e.g. 49); {what}")
+    if height % 16 or width % 16:
+        raise UsageError(f"--height and --width must be multiples of 16; got {height}x{width}")
+    if args.guidance < 1 and args.negative_prompt:
+        raise UsageError(f"--guidance {args.guidance} < 1 disables guidance: --negative-prompt would be ignored")
+    if "video" in conditions and int(args.steps * conditions["strength"]) < 1:
+        raise UsageError(f"--strength {conditions['strength']} × --steps {args.steps} leaves no denoising step "
+                         f"(the run denoises int(steps × strength) steps); raise --strength or --steps")
+    encoder = "image" in conditions or "video" in conditions
+    weights = (_weight_parameters(model / "transformer")
+               + _weight_parameters(model / "vae", () if encoder else ("encoder.", "quant_conv."))
+               + _weight_parameters(model / "text_encoder"))
+    try:
+        need = memory_estimate(transformer, vae, frames=frames, height=height, width=width,
+                               itemsize=ITEMSIZE[args.dtype or ("bf16" if device == "cuda" else "fp32")],
+                               guided=args.guidance > 1, tile=args.tile, weights=weights, cpu=device == "cpu")
+    except ValueError as exc:
+        raise UsageError(f"{model}/{exc}") from None
+    _check_memory(need, device, args, frames, height, width)
+    return frames, height, width
+
+
 def generate(args) -> int:
+    import numpy as np
     import torch
+    from safetensors import SafetensorError
 
     from .pipeline import Pipeline
 
@@ -130,21 +406,25 @@ def generate(args) -> int:
     if args.model is None:
         print("note: using the embedded tiny CogVideoX with random weights (no trained small model exists yet): "
               "expect noise-like motion, not your prompt", file=sys.stderr)
+    if args.strength is not None and args.video is None:
+        print("warning: --strength is ignored without --video", file=sys.stderr)
     conditions = {}  # read before the model loads: an unreadable input fails fast
     if args.image is not None:
         conditions["image"] = _read_image(args.image)
     if args.video is not None:
-        conditions.update(video=_read_video(args.video), strength=args.strength)
+        conditions.update(video=_read_video(args.video),
+                          strength=DEFAULT_STRENGTH if args.strength is None else args.strength)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
+    _preflight(args, Path(model), device, conditions)
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
     start = time.perf_counter()
     try:
         pipe = Pipeline.from_pretrained(model, dtype=dtype, device=device, scheduler=args.scheduler,
                                         offload_text_encoder=args.offload)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    except (OSError, ValueError, SafetensorError) as exc:  # bad files in the folder (OSError: FileNotFoundError too)
+        raise UsageError(_first_line(exc)) from None
     load = time.perf_counter() - start
     if args.tile:
         try:
@@ -162,20 +442,22 @@ def generate(args) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_first_line(exc)) from None
     timings = {"load": load, **pipe.timings}
-    fps = args.fps or (16 if pipe.transformer.config.patch_size_t else 8)  # 1.5 was trained at 16 fps
+    fps = args.fps if args.fps is not None else 16 if pipe.transformer.config.patch_size_t else 8  # 1.5: 16 fps
+    shape = frames.shape
+    frames *= 255  # in place: the float frames are the largest host array; no second copy of them
+    video = np.round(frames, out=frames).astype(np.uint8)
+    del frames
     start = time.perf_counter()
-    write_video((frames * 255).round().astype("uint8"), args.out, fps)
+    write_video(video, args.out, fps)
     timings["write"] = time.perf_counter() - start
-    print(f"wrote {args.out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps} fps); "
+    print(f"wrote {args.out} ({shape[0]} frames, {shape[2]}x{shape[1]}, {fps} fps); "
           + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return 0
 
 
 def info(_args) -> int:
-    import json
-
     import torch
 
     import cogvx
@@ -190,16 +472,30 @@ def info(_args) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = _join_dash_values(sys.argv[1:] if argv is None else list(argv))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
         return {"generate": generate, "info": info}[args.command](args)
     except UsageError as exc:
         print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("cogvx: terminated; nothing written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("cogvx: interrupted; nothing written", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

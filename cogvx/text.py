@@ -3,11 +3,28 @@ folders): prompts -> (B, 226, 4096) embeddings, as CogVideoX's pipeline makes th
 maximum length, truncated, `</s>` appended, no attention mask)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 MAX_TOKENS = 226
+
+
+@contextmanager
+def _load_errors(folder: Path, what: str):
+    """transformers' errors for bad files (OSError, ValueError, safetensors' error, huggingface_hub's
+    config validation; messages of several lines) as a one-line ValueError naming the folder; the
+    original stays chained."""
+    from huggingface_hub import errors
+    from safetensors import SafetensorError
+
+    names = ("StrictDataclassFieldValidationError", "StrictDataclassClassValidationError")
+    bad_config = tuple(getattr(errors, name) for name in names if hasattr(errors, name))
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError, *bad_config) as exc:
+        raise ValueError(f"cannot load the {what} from {str(folder)!r}: {' '.join(str(exc).split())}") from exc
 
 
 class TextEncoder:
@@ -24,8 +41,13 @@ class TextEncoder:
             if not (root / part).is_dir():
                 raise FileNotFoundError(f"{str(root)!r} has no {part}/ folder (a CogVideoX pipeline folder has "
                                         "tokenizer/, text_encoder/, transformer/, vae/, scheduler/)")
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        model = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
+        if not any((root / "tokenizer").iterdir()):
+            raise FileNotFoundError(f"{str(root / 'tokenizer')!r} is empty: expected tokenizer.json and "
+                                    "tokenizer_config.json (a T5 tokenizer)")
+        with _load_errors(root / "tokenizer", "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        with _load_errors(root / "text_encoder", "T5 text encoder"):
+            model = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
         return cls(tokenizer, model.to(device) if device is not None else model)
 
     def truncated(self, prompts: list[str], max_length: int | None = None) -> list[str]:

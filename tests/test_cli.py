@@ -1,9 +1,16 @@
 """The `cogvx` command line as users run it (a subprocess): generate with the embedded model writes
 a playable mp4 atomically, --seed reproduces the Python API, bad input is one line on stderr with
-exit status 2 and nothing written."""
+exit status 2 and nothing written, checked before the model loads wherever it can be, SIGTERM
+leaves nothing behind."""
 import os
+import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +24,22 @@ FAST = ["--steps", "2", "--frames", "9", "--height", "32", "--width", "48"]
 def cogvx(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "cogvx", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600)
+                          timeout=600, errors="backslashreplace")
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_refused(returncode: int, stderr: str, message: str, folder: Path, before: list[str]) -> None:
+    """Exit status 2, one `cogvx: error:` line matching `message` (other lines only notes and
+    warnings), no traceback or usage block, and `folder` as it was (no temporary file left)."""
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("cogvx: error:") and re.search(message, lines[-1]), lines[-1]
+    assert all(line.startswith(("note:", "warning:")) for line in lines[:-1]), stderr
+    assert "Traceback" not in stderr and "usage:" not in stderr
+    assert listing(folder) == before
 
 
 def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(tmp_path):
@@ -53,28 +75,282 @@ def test_png_frames_gif_and_video_to_video(tmp_path):
     r = cogvx("generate", "--prompt", "a dog running", "--video", str(tmp_path / "dog.gif"), "--strength", "0.5",
               "--steps", "2", "--height", "32", "--width", "48", "--out", str(tmp_path / "v2v.mp4"))
     assert r.returncode == 0, r.stderr
-    assert "9 frames" in r.stdout
+    assert "9 frames" in r.stdout and "warning" not in r.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--frames", "6"], r"num_frames must be 1 \+ 4·k"),
-    (["--height", "40"], "multiples of 16"),
-    (["--steps", "0"], "num_inference_steps must be positive"),
-    (["--guidance", "0.5", "--negative-prompt", "ugly"], "guidance_scale 0.5 < 1"),
-    (["--model", "/nonexistent"], "is not a CogVideoX pipeline folder"),
-    (["--out", "/nonexistent/dir/out.mp4"], "cannot write to /nonexistent/dir"),
-    (["--out", "video.avi"], "--out must end in .mp4 or .gif"),
-    (["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
-    (["--video", "/nonexistent.mp4"], "cannot read video /nonexistent.mp4"),
-    (["--image", "/etc/hostname"], "cannot read image /etc/hostname"),
+# -- inputs made in the test's folder ----------------------------------------------------------------
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width × height pixels (no image data): PIL reads the size first."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def _mp4(path: Path, frames: int = 9) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, np.zeros((frames, 32, 48, 3), np.uint8), fps=8, codec="libx264")
+
+
+def _truncated_mp4(path: Path) -> None:
+    _mp4(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+MAKE = {
+    "afile": lambda d: (d / "afile").write_text("a regular file"),
+    "o.mp4/": lambda d: (d / "o.mp4").mkdir(),
+    "frames/": lambda d: (d / "frames").mkdir(),
+    "bomb.png": lambda d: _png_header_only(d / "bomb.png", 100_000, 100_000),  # PIL: DecompressionBombError
+    "big.png": lambda d: _png_header_only(d / "big.png", 10_000, 10_000),  # PIL: only a DecompressionBombWarning
+    "cut.mp4": lambda d: _truncated_mp4(d / "cut.mp4"),
+    "good.mp4": lambda d: _mp4(d / "good.mp4"),
+    "ten.mp4": lambda d: _mp4(d / "ten.mp4", frames=10),
+}
+
+
+@pytest.fixture(scope="module")
+def unloadable(tmp_path_factory):
+    """The tiny model whose transformer weights file is valid safetensors holding one unrelated
+    tensor: loading it fails, so a case refused with its own message under this model was refused
+    before the model loaded (within seconds: no weights are read)."""
+    from safetensors.torch import save_file
+
+    from cogvx.cli import DEFAULT_MODEL
+
+    folder = tmp_path_factory.mktemp("unloadable") / "model"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    save_file({"unrelated": torch.zeros(1)}, folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+SPAWNED = []  # the cases also run as users run them: one per kind of check (each costs a Python + torch start)
+
+
+def case(args, message, make=(), spawn=False):
+    """A bad invocation refused before the model loads: its arguments, the error line's pattern, the
+    inputs to make first. All cases run through main() in this process; `spawn`: also as a subprocess."""
+    param = pytest.param(args, message, list(make), id=" ".join(map(str, args))[:40])
+    if spawn:
+        SPAWNED.append(param)
+    return param
+
+
+BEFORE_LOAD = [
+    # sizes and the pipeline's rules, checked from the configs
+    case(["--frames", "6"], r"--frames must be 1 \+ 4·k", spawn=True),
+    case(["--height", "40"], "multiples of 16"),
+    case(["--guidance", "0.5", "--negative-prompt", "ugly"], "--guidance 0.5 < 1 disables guidance"),
+    case(["--model", "/nonexistent"], "is not a CogVideoX pipeline folder"),
+    # --out (1)
+    case(["--out", "/nonexistent/dir/out.mp4"], "cannot write to /nonexistent/dir"),
+    case(["--out", "video.avi"], "--out must end in .mp4 or .gif"),
+    case(["--out", "afile/o.mp4"], "cannot write to afile .*Not a directory", ["afile"], spawn=True),
+    case(["--out", "o.mp4"], "--out o.mp4 is a folder", ["o.mp4/"], spawn=True),
+    case(["--out", "/sys/o.mp4"], "cannot write to /sys .*Permission denied", spawn=True),
+    case(["--out", "x" * 246 + ".mp4"], "the name is too long", spawn=True),
+    case(["--out", ".mp4"], "--out .mp4 has no name before the suffix", spawn=True),
+    case(["--out", "frames"], "frames exists; choose another --out folder", ["frames/"]),
+    # memory (2)
+    case(["--frames", "4000001"], r"4000001 frames .* need at least [\d,.]+ GiB of RAM .* is available; lower",
+         spawn=True),
+    case(["--height", "160000", "--width", "160000"], "need at least .* GiB of RAM", spawn=True),
+    case(["--height", "160000", "--width", "160000", "--tile"], "need at least .* GiB of RAM"),
+    # zero, negative, non-finite, out of range (3, 4, 5)
+    *[case([flag, value], f"argument {flag}: must be a positive integer", spawn=flag == "--fps")
+      for flag, value in [("--frames", "0"), ("--height", "0"), ("--width", "0"), ("--fps", "0"), ("--fps", "-5"),
+                          ("--steps", "0"), ("--steps", "-3")]],
+    case(["--guidance", "nan", "--negative-prompt", "ugly"], "argument --guidance: must be a finite number; got nan",
+         spawn=True),
+    case(["--guidance", "-inf"], "argument --guidance: must be a finite number; got -inf", spawn=True),
+    case(["--guidance", "inf"], "argument --guidance: must be a finite number"),
+    case(["--strength", "nan"], "argument --strength: must be a finite number"),
+    case(["--strength", "0"], r"argument --strength: must be in \(0, 1\]; got 0", spawn=True),
+    case(["--strength", "1.5"], r"argument --strength: must be in \(0, 1\]"),
+    case(["--seed", str(2**64)], r"argument --seed: must be an integer in \[0, 2\*\*64\)", spawn=True),
+    case(["--seed", "-1"], r"argument --seed: must be an integer in \[0, 2\*\*64\)"),
+    # argparse's own errors (6)
+    case(["--dtype", "fp64"], "argument --dtype: invalid choice", spawn=True),
+    case(["--bogus"], "unrecognized arguments: --bogus"),
+    case(["--frames"], "argument --frames: expected one argument"),
+    # inputs (7, 8, 9)
+    case(["--prompt", b"caf\xe9"], "argument --prompt: is not valid UTF-8", spawn=True),
+    case(["--negative-prompt", b"\xff\xfe"], "argument --negative-prompt: is not valid UTF-8"),
+    case(["--image", "/nonexistent.png"], "cannot read image /nonexistent.png"),
+    case(["--image", "/etc/hostname"], "cannot read image /etc/hostname"),
+    case(["--image", "bomb.png"], "cannot read image bomb.png: .*decompression bomb", ["bomb.png"], spawn=True),
+    case(["--image", "big.png"], "cannot read image big.png: .*decompression bomb", ["big.png"]),
+    case(["--video", "/nonexistent.mp4"], "cannot read video /nonexistent.mp4"),
+    case(["--video", "cut.mp4"], r"cannot read video cut.mp4: not a readable video \(", ["cut.mp4"],
+         spawn=True),
+    case(["--video", "ten.mp4"], r"--video ten.mp4 has 10 frames", ["ten.mp4"]),
+    case(["--video", "good.mp4", "--strength", "0.01"], r"--strength 0.01 × --steps 2 leaves no denoising step",
+         ["good.mp4"], spawn=True),
+]
+
+
+@pytest.mark.parametrize("args,message,make", SPAWNED)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, unloadable, args, message, make):
+    for name in make:
+        MAKE[name](tmp_path)
+    before = listing(tmp_path)
+    r = cogvx("generate", "--prompt", "a cat", "--model", str(unloadable), *FAST, *args, cwd=tmp_path)
+    assert_refused(r.returncode, r.stderr, message, tmp_path, before)
+
+
+@pytest.mark.parametrize("args,message,make", BEFORE_LOAD)
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, unloadable, args, message, make):
+    """All the cases through main() in this process (what `python -m cogvx` runs; argv bytes decoded
+    as Python decodes them), many at the cost of one start."""
+    from cogvx.cli import main
+
+    for name in make:
+        MAKE[name](tmp_path)
+    before = listing(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = [os.fsdecode(a) for a in ["generate", "--prompt", "a cat", "--model", str(unloadable), *FAST, *args]]
+    code = main(argv)
+    assert_refused(code, capsys.readouterr().err, message, tmp_path, before)
+
+
+def test_the_unloadable_model_fails_only_at_load(tmp_path, unloadable):
+    """The premise of the cases above: valid arguments get past every early check to the load."""
+    r = cogvx("generate", "--prompt", "a cat", "--model", str(unloadable), *FAST, cwd=tmp_path)
+    assert_refused(r.returncode, r.stderr, "transformer.*do not match", tmp_path, [])
+
+
+def test_help_exits_0_and_strength_without_video_warns(tmp_path):
+    r = cogvx("generate", "--help")
+    assert r.returncode == 0 and "usage: cogvx generate" in r.stdout and "--strength" in r.stdout
+    r = cogvx("generate", "--prompt", "a cat", *FAST, "--strength", "0.5", "--out", str(tmp_path / "o.gif"))
+    assert r.returncode == 0, r.stderr
+    assert "warning: --strength is ignored without --video" in r.stderr.splitlines()
+
+
+@pytest.mark.parametrize("part,breakage,message", [
+    ("transformer", "truncate", r"transformer/diffusion_pytorch_model.safetensors"),
+    ("vae", "truncate", r"vae/diffusion_pytorch_model.safetensors"),
+    ("text_encoder", "truncate", r"text_encoder/model.safetensors"),
+    ("tokenizer", "empty", r"tokenizer' is empty"),
+    ("transformer", '"num_layers": 2', r"transformer.*num_layers"),
+    ("text_encoder", '"d_model": 32', r"cannot load the T5 text encoder from .*text_encoder.*d_model"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    r = cogvx("generate", "--prompt", "a cat", *FAST, *args, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("cogvx: error:") and __import__("re").search(message, last), last
-    assert "Traceback" not in r.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+def test_a_broken_model_folder_is_one_line(tmp_path, part, breakage, message):
+    from cogvx.cli import DEFAULT_MODEL
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model)
+    if breakage == "truncate":
+        weights = next((model / part).glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif breakage == "empty":
+        shutil.rmtree(model / part)
+        (model / part).mkdir()
+    else:
+        config = model / part / "config.json"
+        key, value = breakage.split(": ")
+        config.write_text(config.read_text().replace(breakage, f'{key}: "{value}"'))  # a number as a string
+    work = tmp_path / "work"
+    work.mkdir()
+    r = cogvx("generate", "--prompt", "a cat", "--model", str(model), *FAST, cwd=work)
+    assert_refused(r.returncode, r.stderr, message, work, [])
+
+
+def test_a_png_folder_made_meanwhile_is_left_intact(tmp_path):
+    """Two runs writing one PNG folder: the second finds it when renaming, says so in one line and
+    leaves the first run's folder as it was, with no temporary folder."""
+    from cogvx.cli import UsageError, write_video
+
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    write_video(frames, tmp_path / "frames", fps=8)  # the first run
+    for first in (["frame_0000.png", "frame_0001.png", "frame_0002.png"], []):
+        if not first:  # an empty folder, which rename(2) would silently replace
+            shutil.rmtree(tmp_path / "frames")
+            (tmp_path / "frames").mkdir()
+        with pytest.raises(UsageError, match="frames was created by something else .* left as it is"):
+            write_video(frames + 1, tmp_path / "frames", fps=8)
+        assert listing(tmp_path) == ["frames"] + [f"frames/{name}" for name in first]
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    from cogvx.cli import UsageError, write_video
+
+    with pytest.raises(UsageError, match="cannot write .*; nothing written"):
+        write_video(np.zeros((1, 16, 16, 3), np.uint8), Path("/sys/frames"), fps=8)
+
+
+@pytest.mark.parametrize("moment", ["made", "filled"])
+def test_sigterm_while_writing_leaves_nothing(tmp_path, moment):
+    """SIGTERM (timeout, container stops) sent as soon as a temporary appears ("made": the --out
+    probe's if the poll catches it, else the PNG folder's as it is made: the narrowest windows, between
+    a creation and the cleanup's start) or as the PNG folder is being filled: exit 143, one line,
+    nothing left. A run that finished first is tried again."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    pattern = ".frames.*" if moment == "made" else ".frames.*/frame_*.png"
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "cogvx", "generate", "--prompt", "a cat", "--steps", "1",
+                              "--frames", "33", "--height", "128", "--width", "192", "--guidance", "1",
+                              "--out", str(tmp_path / "frames")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env)
+        deadline = time.monotonic() + 300
+        while p.poll() is None and not any(tmp_path.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=120)
+        if p.returncode != 0:
+            break
+        shutil.rmtree(tmp_path / "frames")  # written whole before the signal came: try again
+    assert p.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "cogvx: terminated; nothing written" and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_before_loading_exits_143(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    p = subprocess.Popen([sys.executable, "-m", "cogvx", "generate", "--prompt", "a cat", *FAST,
+                          "--out", str(tmp_path / "o.mp4")], stderr=subprocess.PIPE, text=True, env=env)
+    first = p.stderr.readline()  # the embedded model's note: main() is running, its handler installed
+    assert first.startswith("note:"), first
+    p.send_signal(signal.SIGTERM)
+    stderr = first + p.stderr.read()
+    assert p.wait(timeout=120) == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "cogvx: terminated; nothing written" and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_estimate_accepts_real_runs_and_refuses_impossible_ones():
+    """CogVideoX-5B (DESIGN.md: 42 layers × 48 heads × 64, latent 16 channels, VAE blocks
+    128/256/256/512, T5-XXL) at 49×480×720 in bf16 fits an 80 GB GPU with room to spare;
+    4,000,001 frames or 160,000² pixels do not fit any machine."""
+    from cogvx.cli import memory_estimate
+
+    five_b = dict(num_attention_heads=48, attention_head_dim=64, patch_size=2, patch_size_t=None,
+                  max_text_seq_length=226, num_layers=42)
+    two_b = dict(five_b, num_attention_heads=30)
+    vae = dict(latent_channels=16, block_out_channels=[128, 256, 256, 512], temporal_compression_ratio=4,
+               sample_height=480, sample_width=720)
+    # parameters: the transformer ≈ layers × 12·width² (attention 4, FFN 8), T5-XXL's encoder 4.76e9
+    weights = 42 * 12 * 3072**2 + 4.76e9
+    five = memory_estimate(five_b, vae, frames=49, height=480, width=720, itemsize=2, guided=True,
+                           weights=int(weights))
+    assert 19e9 < five["device"] < 0.5 * 80e9, five  # the weights alone are ~19 GB
+    # 17,776 tokens (DESIGN.md) × 3072 × batch 2 × 5 live tensors × 2 bytes
+    assert five["denoising"] >= 5 * 2 * 17_776 * 3072 * 2
+    assert five["host"] == 5 * 3 * 49 * 480 * 720
+    two = memory_estimate(two_b, vae, frames=49, height=480, width=720, itemsize=2, guided=True)
+    assert two["denoising"] < five["denoising"] and two["device"] < 4e9
+    cpu = memory_estimate(five_b, vae, frames=49, height=480, width=720, itemsize=4, guided=True, cpu=True,
+                          weights=int(weights))
+    assert cpu["host"] == 0 and cpu["device"] > 2 * five["weights"]  # fp32 on the CPU: all in RAM
+    assert memory_estimate(five_b, vae, frames=4_000_001, height=480, width=720, itemsize=2,
+                           guided=True)["device"] > 1e13
+    huge = memory_estimate(five_b, vae, frames=49, height=160_000, width=160_000, itemsize=2, guided=True)
+    tiled = memory_estimate(five_b, vae, frames=49, height=160_000, width=160_000, itemsize=2, guided=True, tile=True)
+    assert tiled["decoding"] < huge["decoding"] and tiled["device"] > 1e13
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer; got '48'"):
+        memory_estimate(dict(five_b, num_attention_heads="48"), vae, frames=49, height=480, width=720, itemsize=2,
+                        guided=True)
 
 
 def test_info_reports_versions_and_backends():
@@ -97,10 +373,3 @@ def test_image_to_video_from_the_command_line(tmp_path):
     assert "16 fps" in r.stdout  # CogVideoX 1.5's rate
     r = cogvx("generate", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "x.mp4"))
     assert r.returncode == 2 and "image-to-video checkpoint: pass image=" in r.stderr.strip().splitlines()[-1]
-
-
-def test_png_output_into_an_existing_folder_is_refused_before_any_work(tmp_path):
-    (tmp_path / "frames").mkdir()
-    r = cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "frames"))
-    assert r.returncode == 2 and "exists; choose another --out folder" in r.stderr.strip().splitlines()[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"] and not any((tmp_path / "frames").iterdir())
