@@ -30,7 +30,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     """softmax(q·kᵀ·scale)·v for q (B, heads, Lq, D) and k, v (B, heads, Lk, D), non-causal.
 
     Any strides with a unit last-dim stride (the head-split view `(B, L, heads, D).transpose(1, 2)`
-    is read in place). scale defaults to 1/sqrt(D). Returns out (B, heads, Lq, D) in q's dtype, and
+    is read in place). scale defaults to 1/sqrt(D); the kernels fold scale·log2(e) into fp32, so it must
+    be a normal fp32 there: 8.15e-39 <= scale <= 2.36e38 (logits beyond fp32 are not checked). Returns out (B, heads, Lq, D) in q's dtype, and
     with return_lse=True also lse (B, heads, Lq) fp32 (differentiable). The GPU kernels take
     D ∈ {64, 128}; other head dims run on the reference implementation (with a one-time warning)
     unless a backend is named, which then raises.

@@ -25,7 +25,9 @@ def rope3d(x: torch.Tensor, *, text_len: int, pos_t, pos_h, pos_w, axes_dim=AXES
 
     pos_t, pos_h, pos_w: 1-D float positions per axis (or an int n for arange(n)); channels split
     into axes_dim = (d_t, d_h, d_w) blocks; pair (2i, 2i+1) of block a turns by pos_a · θ^(−2i/d_a).
-    Text tokens pass through. Returns a new tensor (x untouched) unless inplace=True (inference).
+    Text tokens pass through. theta: a normal positive fp32 (the tables are fp32). Returns a new tensor
+    (x untouched) unless inplace=True (inference; x must not be an expanded view: its elements must
+    not share memory).
     """
     positions, grid, theta = check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta)
     if inplace:
@@ -211,6 +213,7 @@ def _rope_triton(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H
 @torch.library.custom_op("cogvx::rope3d_triton_", mutates_args=("x",))
 def _rope_triton_inplace(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
                          axes_dim: list[int], inverse: bool) -> None:
+    check_no_internal_overlap("cogvx::rope3d_triton_: x", x)  # a raw op too (torch.ops)
     from ..triton import rope3d as kernels
     kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse, out=x)
 
