@@ -104,6 +104,21 @@ def available(op: str, device: torch.device | str) -> tuple[str, ...]:
     return tuple(i.backend for i in implementations(op) if i.unavailable(device) is None)
 
 
+def resolve_backend(backend: str | None) -> str | None:
+    """The backend asked for: the argument, else COGVX_BACKEND (unset or empty: None, automatic).
+    An explicit name must be a known backend; "" is not one (None asks for the automatic choice)."""
+    if backend is None:
+        backend, source = os.environ.get("COGVX_BACKEND") or None, "the COGVX_BACKEND environment variable"
+        if backend is None:
+            return None
+    else:
+        source = "backend"
+    if not isinstance(backend, str) or backend not in BACKEND_RANK:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for the automatic choice); "
+                         f"{source} is {backend!r}")
+    return backend
+
+
 def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtype,
            inputs: tuple = ()) -> Implementation:
     """The implementation that runs `op` on `device`: the requested one (argument, else the
@@ -112,11 +127,9 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
     def refusal(impl):
         return impl.accepts(*inputs) if impl.accepts is not None and inputs else None
 
-    requested = backend or os.environ.get("COGVX_BACKEND") or None
+    requested = resolve_backend(backend)
     impls = _REGISTRY[op]
     if requested is not None:
-        if requested not in BACKEND_RANK:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None); got {requested!r}")
         impl = impls.get(requested)
         reason = f"{op} has no {requested} implementation" if impl is None else impl.unavailable(device)
         if reason is None and dtype not in impl.dtypes:

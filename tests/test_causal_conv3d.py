@@ -1,6 +1,7 @@
 """causal_conv3d: every backend against the reference (forward and backward, fp32/bf16/fp16),
 causality, strided inputs, custom-op checks, torch.compile, backend choice and bad input."""
 import os
+import re
 import subprocess
 import sys
 
@@ -203,6 +204,38 @@ def test_unknown_backend_raises():
         cogvx_kernels.causal_conv3d(x, w, backend="magic")
 
 
+@pytest.mark.parametrize("backend", ["", " cpu", "CPU", 1, ("cpu",)], ids=repr)
+def test_backend_must_be_a_backend_name(backend, monkeypatch):
+    """An explicit backend="" is not a backend (None asks for the automatic choice), nor a name of
+    another spelling or type; the error lists the backends."""
+    monkeypatch.delenv("COGVX_BACKEND", raising=False)
+    x, w, *_ = make_inputs(CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"backend must be one of cuda, cpu, triton, reference \(or None for the "
+                                         r"automatic choice\); backend is " + re.escape(repr(backend))):
+        cogvx_kernels.causal_conv3d(x, w, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["causal_conv3d", "rope3d", "qk_norm_rope3d", "joint_attention"])
+def test_every_op_resolves_backend_names_alike(op, monkeypatch):
+    monkeypatch.delenv("COGVX_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _registry.select(op, "", torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("COGVX_BACKEND", "")  # empty: unset, the automatic choice
+    assert _registry.select(op, None, torch.device("cpu"), torch.float32).backend == "cpu"
+    monkeypatch.setenv("COGVX_BACKEND", "reference")
+    assert _registry.select(op, None, torch.device("cpu"), torch.float32).backend == "reference"
+    assert _registry.select(op, "cpu", torch.device("cpu"), torch.float32).backend == "cpu"  # the argument wins
+
+
+def test_empty_environment_backend_means_automatic(monkeypatch):
+    monkeypatch.setenv("COGVX_BACKEND", "")
+    x, w, b, *_ = make_inputs(CASES[0], torch.float32, "cpu")
+    torch.testing.assert_close(cogvx_kernels.causal_conv3d(x, w, b), reference(x, w, b), atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("COGVX_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend must be one of .*; the COGVX_BACKEND environment variable is 'nope'"):
+        cogvx_kernels.causal_conv3d(x, w)
+
+
 def test_unavailable_backend_names_the_available_ones():
     x, w, *_ = make_inputs(CASES[0], torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available.*Available: .*cpu"):
@@ -288,7 +321,7 @@ def test_bad_input(name, override, exc, match):
                                     padding=args.get("padding"))
 
 
-@pytest.mark.parametrize("padding", [(1,), (1, -1), (1.5, 1), "same"])
+@pytest.mark.parametrize("padding", [(1,), (1, -1), (1.5, 1), "same", (True, True), (1, False)], ids=str)
 def test_bad_padding(padding):
     g = _good()
     with pytest.raises(ValueError, match="padding must be a pair"):

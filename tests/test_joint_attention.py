@@ -289,10 +289,25 @@ def test_bad_input(name, override, exc, match):
         cogvx_kernels.joint_attention(args["q"], args["k"], args["v"])
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "0.1", True])
+# the kernels multiply the logits by scale·log2(e) in fp32: it must be a normal positive fp32
+# (1e300 passed the old finiteness check, became inf in fp32 and returned NaN)
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "0.1", True, 1e300, 2.4e38, 1e-300, 8e-39],
+                         ids=str)
 def test_bad_scale(scale):
-    with pytest.raises(ValueError, match="scale must be a positive finite float"):
+    with pytest.raises(ValueError, match=r"scale must be a positive finite float in \[8.15e-39, 2.36e\+38\] "
+                                         r"\(the kernels fold scale·log2\(e\) into fp32"):
         cogvx_kernels.joint_attention(**_good(), scale=scale)
+
+
+@pytest.mark.parametrize("scale", [8.2e-39, 2.35e38], ids=str)
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + backend_params(OP))
+def test_scale_bounds_give_finite_results(backend, device, scale):
+    """The accepted range is not too wide: at its ends the output and lse stay finite (logits of
+    |q·k| <= 1 here: beyond the bound, scale·log2(e) itself is inf or 0 in fp32)."""
+    implementation(OP, backend, device)
+    q, k, v = (torch.rand(1, 2, 16, 64, generator=torch.Generator().manual_seed(i)).to(device) / 8 for i in range(3))
+    out, lse = cogvx_kernels.joint_attention(q, k, v, scale=scale, return_lse=True, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
 def test_device_mismatch():

@@ -295,7 +295,7 @@ BAD = [
     ("position type", dict(pos_w=[0.0, 1.0, 2.0, 3.0]), TypeError, r"pos_w must be a 1-D float tensor"),
     ("integer x", dict(x=torch.ones(1, 2, 28, 64, dtype=torch.int32)), TypeError, r"x must be a floating tensor"),
     ("x rank", dict(x=torch.randn(2, 28, 64)), ValueError, r"x must have 4 dimensions"),
-    ("theta", dict(theta=0.0), ValueError, r"theta must be a positive float"),
+    ("theta", dict(theta=0.0), ValueError, r"theta must be a positive finite float"),
 ]
 
 
@@ -318,11 +318,73 @@ def test_qk_norm_bad_input():
         cogvx_kernels.qk_norm_rope3d(q, q, torch.ones(32), None, None, None, **kw)
     with pytest.raises(TypeError, match="k must have the dtype of q"):
         cogvx_kernels.qk_norm_rope3d(q, q.half(), **kw)
-    with pytest.raises(ValueError, match="eps must be a positive float"):
+    with pytest.raises(ValueError, match="eps must be a positive finite float"):
         cogvx_kernels.qk_norm_rope3d(q, q, eps=0.0, **kw)
+    with pytest.raises(TypeError, match=r"norm_k_bias must have q's dtype \(torch.float32\) or float32"):
+        cogvx_kernels.qk_norm_rope3d(q, q, None, None, None, torch.zeros(64, dtype=torch.float64), **kw)
 
 
 def test_inplace_refuses_autograd():
     x = torch.randn(1, 2, 28, 64, requires_grad=True)
     with pytest.raises(ValueError, match="inplace=True"):
         cogvx_kernels.rope3d(x, text_len=4, pos_t=2, pos_h=3, pos_w=4, inplace=True)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + backend_params("rope3d"))
+def test_inplace_refuses_overlapping_memory(backend, device):
+    """An expanded x (stride 0 over heads: every head is one memory row) cannot be rotated in place:
+    each head would rotate the same memory again. Refused like torch's own in-place ops, x untouched."""
+    implementation("rope3d", backend, device)
+    base = torch.randn(1, 1, 28, 64, device=device)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match=r"x is written in place but has overlapping memory.*more than one "
+                                           r"element of the written-to tensor refers to a single memory location"):
+        cogvx_kernels.rope3d(base.expand(1, 2, 28, 64), text_len=4, pos_t=2, pos_h=3, pos_w=4, inplace=True,
+                             backend=backend)
+    assert torch.equal(base, before)
+    # out of place, an expanded x is only read: fine
+    out = cogvx_kernels.rope3d(base.expand(1, 2, 28, 64), text_len=4, pos_t=2, pos_h=3, pos_w=4, backend=backend)
+    expected = cogvx_kernels.rope3d(base, text_len=4, pos_t=2, pos_h=3, pos_w=4, backend="reference")
+    torch.testing.assert_close(out, expected.expand(1, 2, 28, 64))
+
+
+FP32 = torch.finfo(torch.float32)
+# the tables are fp32 θ^(−2i/d): θ must be a normal fp32 (below, θ^(−2i/d) overflows; above, θ itself)
+BAD_THETA = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, -10000.0, 1e-40, 1e39, 1e300, True, "10000"]
+
+
+@pytest.mark.parametrize("theta", BAD_THETA, ids=str)
+def test_bad_theta(theta):
+    q = torch.randn(1, 2, 28, 64)
+    kw = dict(text_len=4, pos_t=2, pos_h=3, pos_w=4, theta=theta)
+    with pytest.raises(ValueError, match=r"theta must be a positive finite float in \[1.18e-38, 3.4e\+38\]"):
+        cogvx_kernels.rope3d(q, **kw)
+    with pytest.raises(ValueError, match=r"theta must be a positive finite float"):
+        cogvx_kernels.qk_norm_rope3d(q, q, **kw)
+
+
+@pytest.mark.parametrize("theta", [FP32.tiny, 1e-30, 1.0, 10000, FP32.max], ids=str)
+def test_theta_bounds_give_finite_tables(theta):
+    """The accepted range is not too wide: its ends still give finite rotations."""
+    q = torch.randn(1, 2, 28, 64)
+    kw = dict(text_len=4, pos_t=2, pos_h=3, pos_w=4, theta=theta)
+    assert torch.isfinite(cogvx_kernels.rope3d(q, **kw)).all()
+    assert all(torch.isfinite(t).all() for t in cogvx_kernels.qk_norm_rope3d(q, q, **kw))
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), 0.0, -1e-6, 1e-50, 1e39, True, "1e-6"], ids=str)
+def test_bad_eps(eps):
+    q = torch.randn(1, 2, 28, 64)
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float in \[1.18e-38, 3.4e\+38\]"):
+        cogvx_kernels.qk_norm_rope3d(q, q, eps=eps, text_len=4, pos_t=2, pos_h=3, pos_w=4)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("qk_norm_rope3d"))
+def test_smallest_eps_keeps_constant_rows_finite(backend, device):
+    """A constant row has variance 0: the smallest accepted eps still gives a finite 1/sqrt(var + eps)
+    in fp32 (1e-50, accepted before, became 0 in fp32 and gave NaN)."""
+    implementation("qk_norm_rope3d", backend, device)
+    q = torch.ones(1, 2, 28, 64, device=device)
+    out_q, out_k = cogvx_kernels.qk_norm_rope3d(q, q, eps=FP32.tiny, text_len=4, pos_t=2, pos_h=3, pos_w=4,
+                                                backend=backend)
+    assert torch.isfinite(out_q).all() and torch.isfinite(out_k).all()

@@ -13,7 +13,7 @@ import torch
 
 from .. import _registry
 from ..reference.causal_conv3d import causal_conv3d as reference_causal_conv3d
-from ._checks import check_like, check_nonempty, check_shape, check_tensor
+from ._checks import check_like, check_nonempty, check_shape, check_tensor, is_int
 
 OP = "causal_conv3d"
 
@@ -60,7 +60,7 @@ def check_args(x, weight, bias, halo, padding) -> tuple[int, int]:
         pad_h, pad_w = kh // 2, kw // 2
     else:
         if (not isinstance(padding, (tuple, list)) or len(padding) != 2
-                or not all(isinstance(p, int) and p >= 0 for p in padding)):
+                or not all(is_int(p) and p >= 0 for p in padding)):
             raise ValueError(f"padding must be a pair of non-negative ints (ph, pw); got {padding!r}")
         pad_h, pad_w = padding
     if H + 2 * pad_h < kh or W + 2 * pad_w < kw:

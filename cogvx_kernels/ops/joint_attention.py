@@ -19,9 +19,10 @@ import torch
 
 from .. import _registry
 from ..reference.joint_attention import joint_attention as reference_joint_attention
-from ._checks import check_like, check_tensor
+from ._checks import check_fp32_positive, check_like, check_tensor
 
 OP = "joint_attention"
+LOG2E = math.log2(math.e)
 
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -29,7 +30,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     """softmax(q·kᵀ·scale)·v for q (B, heads, Lq, D) and k, v (B, heads, Lk, D), non-causal.
 
     Any strides with a unit last-dim stride (the head-split view `(B, L, heads, D).transpose(1, 2)`
-    is read in place). scale defaults to 1/sqrt(D). Returns out (B, heads, Lq, D) in q's dtype, and
+    is read in place). scale defaults to 1/sqrt(D); the kernels fold scale·log2(e) into fp32, so it must
+    be a normal fp32 there: 8.15e-39 <= scale <= 2.36e38 (logits beyond fp32 are not checked). Returns out (B, heads, Lq, D) in q's dtype, and
     with return_lse=True also lse (B, heads, Lq) fp32 (differentiable). The GPU kernels take
     D ∈ {64, 128}; other head dims run on the reference implementation (with a one-time warning)
     unless a backend is named, which then raises.
@@ -60,9 +62,9 @@ def check_args(q, k, v, scale) -> float:
                              f"{t.stride()}: call .contiguous() on it")
     if scale is None:
         return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float (default 1/sqrt(D)); got {scale!r}")
-    return float(scale)
+    # every kernel multiplies the logits by scale·log2(e) in fp32 (the lse is fp32 for all dtypes)
+    return check_fp32_positive("scale", scale, "the kernels fold scale·log2(e) into fp32; default 1/sqrt(D)",
+                               factor=LOG2E)
 
 
 # ---- custom ops: fake implementations and autograd --------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from .. import _registry
 from ..reference import rope3d as reference
-from ._checks import check_like, check_tensor
+from ._checks import check_fp32_positive, check_like, check_no_internal_overlap, check_tensor, is_int
 
 AXES_DIM = (16, 24, 24)
 
@@ -25,12 +25,16 @@ def rope3d(x: torch.Tensor, *, text_len: int, pos_t, pos_h, pos_w, axes_dim=AXES
 
     pos_t, pos_h, pos_w: 1-D float positions per axis (or an int n for arange(n)); channels split
     into axes_dim = (d_t, d_h, d_w) blocks; pair (2i, 2i+1) of block a turns by pos_a · θ^(−2i/d_a).
-    Text tokens pass through. Returns a new tensor (x untouched) unless inplace=True (inference).
+    Text tokens pass through. theta: a normal positive fp32 (the tables are fp32). Returns a new tensor
+    (x untouched) unless inplace=True (inference; x must not be an expanded view: its elements must
+    not share memory).
     """
-    positions, grid = check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta)
-    if inplace and x.requires_grad and torch.is_grad_enabled():
-        raise ValueError("rope3d(inplace=True) is for inference: x requires grad; use inplace=False")
-    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
+    positions, grid, theta = check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta)
+    if inplace:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError("rope3d(inplace=True) is for inference: x requires grad; use inplace=False")
+        check_no_internal_overlap("rope3d(inplace=True): x", x)
+    tables = reference.axis_tables(*positions, tuple(axes_dim), theta)
     impl = _registry.select("rope3d", backend, x.device, x.dtype)
     args = (tables, text_len, *grid, list(axes_dim), False)
     if inplace:
@@ -44,8 +48,8 @@ def qk_norm_rope3d(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_
                    theta: float = 10000.0, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head LayerNorm over D of q and k (all tokens), then 3D RoPE of their video tokens: one
     pass over q and one over k. Weights/biases are (D,) or None (no affine)."""
-    positions, grid = check_rope_args(q, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="q")
-    tables = reference.axis_tables(*positions, tuple(axes_dim), float(theta))
+    positions, grid, theta = check_rope_args(q, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="q")
+    tables = reference.axis_tables(*positions, tuple(axes_dim), theta)
     return _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, eps, tables, text_len, grid,
                          axes_dim, backend)
 
@@ -64,10 +68,11 @@ def _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, 
             check_tensor(name, t, dim=1, shape_doc=f"(D,) = ({D},)")
             if t.shape[0] != D or t.device != q.device:
                 raise ValueError(f"{name} must have shape ({D},) on {q.device}; got {tuple(t.shape)} on {t.device}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float; got {eps!r}")
+            if t.dtype not in (q.dtype, torch.float32):  # what the kernels read
+                raise TypeError(f"{name} must have q's dtype ({q.dtype}) or float32; got {t.dtype}")
+    eps = check_fp32_positive("eps", eps, "the LayerNorm adds it to the variance in fp32")
     impl = _registry.select("qk_norm_rope3d", backend, q.device, q.dtype)
-    args = (tables, text_len, *grid, list(axes_dim), float(eps))
+    args = (tables, text_len, *grid, list(axes_dim), eps)
     return impl.fn(q, norm_q_weight, norm_q_bias, *args), impl.fn(k, norm_k_weight, norm_k_bias, *args)
 
 
@@ -82,7 +87,7 @@ def qk_norm_rope3d_token_tables(q: torch.Tensor, k: torch.Tensor, norm_q_weight=
     per-axis tables those rows were built from."""
     check_tensor("q", q, dim=4, shape_doc="(B, heads, L, D)")
     B, _, L, D = q.shape
-    N = L - text_len if isinstance(text_len, int) and not isinstance(text_len, bool) else -1
+    N = L - text_len if is_int(text_len) else -1
     if not 0 < N <= L:
         raise ValueError(f"text_len must be an int in [0, L={L}) (at least one video token); got {text_len!r}")
     for name, t in (("cos", cos), ("sin", sin)):
@@ -105,18 +110,17 @@ def check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="x")
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
     D = x.shape[-1]
     if (not isinstance(axes_dim, (tuple, list)) or len(axes_dim) != 3
-            or not all(isinstance(d, int) and d > 0 for d in axes_dim)):
+            or not all(is_int(d) and d > 0 for d in axes_dim)):
         raise ValueError(f"axes_dim must be three positive ints (d_t, d_h, d_w); got {axes_dim!r}")
     if any(d % 2 for d in axes_dim):
         raise ValueError(f"axes_dim must all be even (channels rotate in pairs); got {tuple(axes_dim)}")
     if sum(axes_dim) != D:
         raise ValueError(f"sum(axes_dim) must equal the head dim D={D}; got axes_dim={tuple(axes_dim)} "
                          f"(sum {sum(axes_dim)}); D=128 uses e.g. (32, 48, 48)")
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise ValueError(f"theta must be a positive float; got {theta!r}")
+    theta = check_fp32_positive("theta", theta, "the rotary tables are computed in fp32 as theta^(-2i/d)")
     positions = []
     for axis, pos in (("pos_t", pos_t), ("pos_h", pos_h), ("pos_w", pos_w)):
-        if isinstance(pos, int) and not isinstance(pos, bool):
+        if is_int(pos):
             if pos <= 0:
                 raise ValueError(f"{axis} must be a positive int or a 1-D float tensor; got {pos}")
             pos = torch.arange(pos, dtype=torch.float32, device=x.device)
@@ -129,14 +133,14 @@ def check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="x")
         if pos.device != x.device:
             raise ValueError(f"{axis} must be on {name}'s device ({x.device}); got {pos.device}")
         positions.append(pos)
-    if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 0:
+    if not is_int(text_len) or text_len < 0:
         raise ValueError(f"text_len must be a non-negative int; got {text_len!r}")
     grid = tuple(p.numel() for p in positions)
     L = x.shape[2]
     if text_len + grid[0] * grid[1] * grid[2] != L:
         raise ValueError(f"{name} has L={L} tokens but text_len + len(pos_t)·len(pos_h)·len(pos_w) = "
                          f"{text_len} + {grid[0]}·{grid[1]}·{grid[2]} = {text_len + grid[0] * grid[1] * grid[2]}")
-    return positions, grid
+    return positions, grid, theta
 
 
 # ---- custom ops: fake implementations and autograd ----------------------------------------------
@@ -209,6 +213,7 @@ def _rope_triton(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H
 @torch.library.custom_op("cogvx::rope3d_triton_", mutates_args=("x",))
 def _rope_triton_inplace(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
                          axes_dim: list[int], inverse: bool) -> None:
+    check_no_internal_overlap("cogvx::rope3d_triton_: x", x)  # a raw op too (torch.ops)
     from ..triton import rope3d as kernels
     kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse, out=x)
 

@@ -27,8 +27,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/dispatch.h"
 #include "common/causal_conv3d.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
 
 namespace cogvx {
 namespace {
@@ -538,17 +539,9 @@ void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Ten
   });
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& halo) {
-  TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "cogvx::causal_conv3d: x and weight must be 5-D");
-  TORCH_CHECK(x.size(1) == weight.size(1), "cogvx::causal_conv3d: channel mismatch");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "cogvx::causal_conv3d: dtype mismatch");
+void check_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "cogvx::causal_conv3d (CPU): float32, bfloat16 or float16 expected");
-  if (halo) {
-    TORCH_CHECK(halo->dim() == 5 && halo->size(2) == weight.size(2) - 1,
-                "cogvx::causal_conv3d: halo must hold kt-1 frames");
-    TORCH_CHECK(halo->scalar_type() == x.scalar_type(), "cogvx::causal_conv3d: halo dtype mismatch");
-  }
+              "cogvx::causal_conv3d (CPU): x must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
 // Where oneDNN's convolution (ATen's conv3d on the time-padded input, fp32) beats the direct
@@ -572,7 +565,8 @@ at::Tensor onednn_forward(const at::Tensor& x, const at::Tensor& weight, const s
 at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& halo_in,
                              int64_t pad_h, int64_t pad_w) {
-  check_inputs(x_in, weight, halo_in);
+  checks::conv::args("cogvx::causal_conv3d", x_in, weight, bias, halo_in, pad_h, pad_w);
+  check_dtype(x_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const at::Tensor& x = x_in;  // read through its strides: no copy for any layout
   std::optional<at::Tensor> halo;
@@ -599,7 +593,10 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
     const std::optional<at::Tensor>& halo_in, int64_t pad_h, int64_t pad_w, bool has_bias) {
-  check_inputs(x_in, weight, halo_in);
+  constexpr const char* op = "cogvx::causal_conv3d_backward";
+  checks::conv::args(op, x_in, weight, std::nullopt, halo_in, pad_h, pad_w);
+  checks::conv::grad_out(op, grad_out, x_in, weight, pad_h, pad_w);
+  check_dtype(x_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const at::Tensor& x = x_in;
   const at::Tensor& gy = grad_out;

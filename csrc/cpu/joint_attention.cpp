@@ -48,6 +48,7 @@
 #endif
 
 #include "common/attention.h"
+#include "common/checks.h"
 #include "common/dispatch.h"
 
 namespace cogvx {
@@ -677,34 +678,16 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 // ---------------------------------------------------------------------------------------------
 // Checks and entry points.
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, heads, L, D), got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+void check_dtype(const char* op, const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              " (CPU): float32, bfloat16 or float16 expected, got ", q.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1),
-              op, ": batch and heads of q, k, v must match, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.size(2) == v.size(2), op, ": k and v must have the same length, got ", k.size(2), " and ",
-              v.size(2));
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), op, ": q, k, v must have the same head dim, got ",
-              q.size(3), ", ", k.size(3), ", ", v.size(3));
-}
-
-void check_unit_last(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
-              " must have a unit stride in its last (head-dim) dimension, got strides ", t.strides());
+              " (CPU): q must be float32, bfloat16 or float16, got ", q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> joint_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        double scale) {
   constexpr const char* op = "cogvx::joint_attention";
-  check_qkv(op, q, k, v);
-  check_unit_last(op, "q", q);
-  check_unit_last(op, "k", k);
-  check_unit_last(op, "v", v);
+  checks::attention::qkv(op, q, k, v);
+  check_dtype(op, q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
@@ -725,25 +708,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_attention_backward_cpu(
   // `deterministic`: this kernel uses no atomics and a fixed summation order, so it always is.
   (void)deterministic;
   constexpr const char* op = "cogvx::joint_attention_backward";
-  check_qkv(op, q, k, v);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
-              out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-              ": grad_out and out must have q's dtype ", q.scalar_type());
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v},
-                         {"out", &out}, {"grad_out", &grad_out}})
-    check_unit_last(op, name, *t);
+  checks::attention::backward_args(op, grad_out, q, k, v, out, lse_in, grad_lse_in);
+  check_dtype(op, q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == Lq, op,
-              ": lse must be (B, heads, Lq) = (", B, ", ", H, ", ", Lq, "), got ", lse_in.sizes());
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   std::optional<at::Tensor> grad_lse;
-  if (grad_lse_in && grad_lse_in->defined()) {
-    TORCH_CHECK(grad_lse_in->sizes() == lse_in.sizes(), op, ": grad_lse must have lse's shape ", lse_in.sizes(),
-                ", got ", grad_lse_in->sizes());
-    grad_lse = grad_lse_in->to(at::kFloat).contiguous();
-  }
+  if (grad_lse_in && grad_lse_in->defined()) grad_lse = grad_lse_in->to(at::kFloat).contiguous();
   at::Tensor dq = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   at::Tensor dk = at::empty({B, Lk, H, D}, k.options()).transpose(1, 2);
   at::Tensor dv = at::empty({B, Lk, H, D}, v.options()).transpose(1, 2);

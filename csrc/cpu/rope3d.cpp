@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/rope3d.h"
 
@@ -37,16 +38,6 @@ Rows<scalar_t> rows_of(const at::Tensor& t) {
 
 rp::Grid make_grid(int64_t text_len, int64_t T, int64_t H, int64_t W, at::IntArrayRef axes_dim) {
   return {text_len, T, H, W, axes_dim[0] / 2, axes_dim[1] / 2};
-}
-
-void check_rope_args(const at::Tensor& x, const at::Tensor& tables, const rp::Grid& g, at::IntArrayRef axes_dim) {
-  TORCH_CHECK(x.dim() == 4, "cogvx rope3d: x must be (B, heads, L, D)");
-  TORCH_CHECK(axes_dim.size() == 3 && axes_dim[0] + axes_dim[1] + axes_dim[2] == x.size(3),
-              "cogvx rope3d: axes_dim must sum to D");
-  TORCH_CHECK(x.size(2) == g.text_len + g.T * g.H * g.W, "cogvx rope3d: L != text_len + T*H*W");
-  TORCH_CHECK(tables.scalar_type() == at::kFloat && tables.is_contiguous() && tables.dim() == 3 &&
-                  tables.size(0) == 2 && tables.size(1) == g.T + g.H + g.W && tables.size(2) == x.size(3) / 2,
-              "cogvx rope3d: tables must be contiguous fp32 (2, T+H+W, D/2)");
 }
 
 // Rotates the fp32 row v (D values) of a video token in place.
@@ -83,19 +74,21 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& tables, const rp::Grid& 
   });
 }
 
-at::Tensor rope3d_cpu(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
+at::Tensor rope3d_cpu(const at::Tensor& x, const at::Tensor& tables_in, int64_t text_len, int64_t grid_t,
                       int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
+  checks::rope::args("cogvx::rope3d", x, tables_in, text_len, grid_t, grid_h, grid_w, axes_dim);
   const rp::Grid g = make_grid(text_len, grid_t, grid_h, grid_w, axes_dim);
-  check_rope_args(x, tables, g, axes_dim);
+  const at::Tensor tables = tables_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rope3d_cpu", [&] { rope_kernel<scalar_t>(x, tables, g, inverse, out); });
   return out;
 }
 
-void rope3d_inplace_cpu(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
+void rope3d_inplace_cpu(const at::Tensor& x, const at::Tensor& tables_in, int64_t text_len, int64_t grid_t,
                         int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
+  checks::rope::inplace_args("cogvx::rope3d_", x, tables_in, text_len, grid_t, grid_h, grid_w, axes_dim);
   const rp::Grid g = make_grid(text_len, grid_t, grid_h, grid_w, axes_dim);
-  check_rope_args(x, tables, g, axes_dim);
+  const at::Tensor tables = tables_in.contiguous();
   at::Tensor out = x;  // each row is read whole before it is written
   COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rope3d_cpu", [&] { rope_kernel<scalar_t>(x, tables, g, inverse, out); });
 }
@@ -144,10 +137,12 @@ void qk_norm_rope_kernel(const at::Tensor& x, const std::vector<float>& weight, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& tables, int64_t text_len, int64_t grid_t, int64_t grid_h, int64_t grid_w,
+    const at::Tensor& tables_in, int64_t text_len, int64_t grid_t, int64_t grid_h, int64_t grid_w,
     at::IntArrayRef axes_dim, double eps) {
+  checks::rope::norm_args("cogvx::qk_norm_rope3d", x, weight, bias, tables_in, text_len, grid_t, grid_h, grid_w,
+                          axes_dim);
   const rp::Grid g = make_grid(text_len, grid_t, grid_h, grid_w, axes_dim);
-  check_rope_args(x, tables, g, axes_dim);
+  const at::Tensor tables = tables_in.contiguous();
   const int64_t D = x.size(3);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mean = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kFloat));
@@ -214,10 +209,12 @@ void qk_norm_rope_backward_kernel(const at::Tensor& gy, const at::Tensor& x, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& tables_in, int64_t text_len, int64_t grid_t,
     int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool has_weight, bool has_bias) {
+  checks::rope::norm_backward_args("cogvx::qk_norm_rope3d_backward", grad_out, x, weight, mean, rstd, tables_in,
+                                   text_len, grid_t, grid_h, grid_w, axes_dim, has_weight);
   const rp::Grid g = make_grid(text_len, grid_t, grid_h, grid_w, axes_dim);
-  check_rope_args(x, tables, g, axes_dim);
+  const at::Tensor tables = tables_in.contiguous();
   const int64_t D = x.size(3);
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const auto w = fp32_vector(weight, D, 1.f);

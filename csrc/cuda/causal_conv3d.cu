@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "common/causal_conv3d.h"
+#include "common/checks.h"
 #include "cuda/mma.cuh"
 
 namespace cogvx {
@@ -879,13 +880,9 @@ inline void copy_strides(const at::Tensor& t, int64_t (&s)[5]) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The arguments were checked by checks::conv (csrc/common/checks.h): the geometry and its int32 limit.
 inline Geom make_geom(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& halo, int64_t pad_h, int64_t pad_w) {
-  TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "causal_conv3d: x and weight must be 5-D");
-  TORCH_CHECK(weight.size(1) == x.size(1), "causal_conv3d: C_in of weight and x differ");
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "causal_conv3d: negative padding");
-  TORCH_CHECK(weight.device() == x.device(), "causal_conv3d: x and weight on different devices");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "causal_conv3d: weight dtype differs from x");
   Geom g{};
   g.B = x.size(0);
   g.Cin = x.size(1);
@@ -896,25 +893,15 @@ inline Geom make_geom(const at::Tensor& x, const at::Tensor& weight,
   g.kt = weight.size(2);
   g.kh = weight.size(3);
   g.kw = weight.size(4);
-  TORCH_CHECK(g.kt >= 1 && g.kh >= 1 && g.kw >= 1, "causal_conv3d: empty kernel");
   g.ph = pad_h;
   g.pw = pad_w;
   g.Ho = output_extent(g.H, g.kh, pad_h);
   g.Wo = output_extent(g.W, g.kw, pad_w);
-  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "causal_conv3d: empty spatial output");
   TORCH_CHECK(g.B < INT32_MAX && g.T < INT32_MAX && g.H < INT32_MAX && g.W < INT32_MAX &&
                   g.Ho < INT32_MAX && g.Wo < INT32_MAX && g.kt * g.kh * g.kw < INT32_MAX,
               "causal_conv3d: an extent exceeds int32");
   g.taps = g.kt * g.kh * g.kw;
   g.has_halo = halo.has_value() && halo->defined();
-  if (g.has_halo) {
-    const at::Tensor& h = *halo;
-    TORCH_CHECK(h.dim() == 5 && h.size(0) == g.B && h.size(1) == g.Cin && h.size(2) == g.kt - 1 &&
-                    h.size(3) == g.H && h.size(4) == g.W,
-                "causal_conv3d: halo must be (B, C_in, kt-1, H, W)");
-    TORCH_CHECK(h.scalar_type() == x.scalar_type() && h.device() == x.device(),
-                "causal_conv3d: halo dtype/device differ from x");
-  }
   return g;
 }
 
@@ -1017,18 +1004,14 @@ inline at::ScalarType wgrad_acc_dtype(at::ScalarType t) {
 at::Tensor causal_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& halo, int64_t pad_h, int64_t pad_w) {
+  checks::conv::args("cogvx::causal_conv3d", x, weight, bias, halo, pad_h, pad_w);
   const Geom g = make_geom(x, weight, halo, pad_h, pad_w);
   TORCH_CHECK(x.is_cuda(), "causal_conv3d_cuda: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({g.B, g.Cout, g.T, g.Ho, g.Wo}, x.options());
   if (out.numel() == 0) return out;
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.Cout && bias->scalar_type() == x.scalar_type() &&
-                    bias->device() == x.device(),
-                "causal_conv3d: bias must be (C_out,) with the dtype of x");
-    b = bias->contiguous();
-  }
+  if (checks::given(bias)) b = bias->contiguous();
   // (C_out, kt, kh, kw, C_in): one K step reads BK consecutive input channels of one tap.
   const at::Tensor w = weight.permute({0, 2, 3, 4, 1}).contiguous();
   const at::Tensor hl = g.has_halo ? *halo : at::Tensor();
@@ -1048,13 +1031,11 @@ at::Tensor causal_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& halo, int64_t pad_h, int64_t pad_w, bool has_bias) {
+  constexpr const char* op = "cogvx::causal_conv3d_backward";
+  checks::conv::args(op, x, weight, std::nullopt, halo, pad_h, pad_w);
+  checks::conv::grad_out(op, grad_out, x, weight, pad_h, pad_w);
   const Geom g = make_geom(x, weight, halo, pad_h, pad_w);
   TORCH_CHECK(x.is_cuda(), "causal_conv3d_backward_cuda: x must be a CUDA tensor");
-  TORCH_CHECK(grad_out.dim() == 5 && grad_out.size(0) == g.B && grad_out.size(1) == g.Cout &&
-                  grad_out.size(2) == g.T && grad_out.size(3) == g.Ho && grad_out.size(4) == g.Wo,
-              "causal_conv3d_backward: grad_out has the wrong shape");
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
-              "causal_conv3d_backward: grad_out dtype/device differ from x");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor hl = g.has_halo ? *halo : at::Tensor();

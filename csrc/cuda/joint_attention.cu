@@ -60,6 +60,7 @@
 #include <type_traits>
 
 #include "common/attention.h"
+#include "common/checks.h"
 #include "cuda/mma.cuh"
 
 namespace cogvx {
@@ -981,29 +982,12 @@ __global__ void __launch_bounds__(256) joint_attention_bwd_dkdv_fallback_kernel(
 // ---------------------------------------------------------------------------------------------
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, heads, L, D), got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+// The shapes, dtypes and devices are checked by checks::attention (csrc/common/checks.h).
+void check_cuda_dtype(const char* op, const at::Tensor& q) {
   const auto st = q.scalar_type();
+  TORCH_CHECK(q.is_cuda(), op, " (CUDA): q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble, op,
-              " (CUDA): float16, bfloat16, float32 or float64 expected, got ", st);
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1),
-              op, ": batch and heads of q, k, v must match, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.size(2) == v.size(2), op, ": k and v must have the same length, got ", k.size(2), " and ",
-              v.size(2));
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), op, ": q, k, v must have the same head dim, got ",
-              q.size(3), ", ", k.size(3), ", ", v.size(3));
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
-              " (CUDA): q, k, v must be on the same CUDA device, got ", q.device(), ", ", k.device(), ", ",
-              v.device());
-}
-
-void check_unit_last(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
-              " must have a unit stride in its last (head-dim) dimension, got strides ", t.strides());
+              " (CUDA): q must be float16, bfloat16, float32 or float64, got ", st);
 }
 
 void check_tc_head_dim(const char* op, int64_t D, at::ScalarType st) {
@@ -1108,10 +1092,8 @@ unsigned fallback_blocks(int64_t rows, const char* op) {
 std::tuple<at::Tensor, at::Tensor> joint_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, double scale) {
   constexpr const char* op = "cogvx::joint_attention";
-  check_qkv(op, q, k, v);
-  check_unit_last(op, "q", q);
-  check_unit_last(op, "k", k);
-  check_unit_last(op, "v", v);
+  checks::attention::qkv(op, q, k, v);
+  check_cuda_dtype(op, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
@@ -1167,27 +1149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& grad_lse_in, double scale, bool deterministic) {
   constexpr const char* op = "cogvx::joint_attention_backward";
-  check_qkv(op, q, k, v);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
-              out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-              ": grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse_in.device() == q.device(), op,
-              " (CUDA): grad_out, out and lse must be on q's device ", q.device());
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v},
-                         {"out", &out}, {"grad_out", &grad_out}})
-    check_unit_last(op, name, *t);
+  checks::attention::backward_args(op, grad_out, q, k, v, out, lse_in, grad_lse_in);
+  check_cuda_dtype(op, q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == Lq, op,
-              ": lse must be (B, heads, Lq) = (", B, ", ", H, ", ", Lq, "), got ", lse_in.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   at::Tensor grad_lse;
   if (grad_lse_in && grad_lse_in->defined()) {
-    TORCH_CHECK(grad_lse_in->sizes() == lse_in.sizes(), op, ": grad_lse must have lse's shape ", lse_in.sizes(),
-                ", got ", grad_lse_in->sizes());
-    TORCH_CHECK(grad_lse_in->device() == q.device(), op, " (CUDA): grad_lse must be on q's device ", q.device());
     grad_lse = grad_lse_in->to(at::kFloat).contiguous();
   }
   at::Tensor dq = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);

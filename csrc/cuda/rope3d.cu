@@ -37,7 +37,6 @@
 // 16 warps per SM resident for rope / forward / backward (VEC paths) with no spills.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -49,6 +48,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/checks.h"
 #include "common/rope3d.h"
 
 namespace cogvx {
@@ -720,19 +720,10 @@ inline bool pair_vec_ok(const at::Tensor& t) {
 // Validates the common arguments and fills the geometry of `w` (not the split).
 inline Work make_work(const char* op, const at::Tensor& x, const at::Tensor& tables_c, int64_t text_len,
                       int64_t grid_t, int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim) {
+  // the arguments themselves were checked by checks::rope (csrc/common/checks.h): CUDA limits here
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, heads, L, D)");
   const int64_t B = x.size(0), heads = x.size(1), L = x.size(2), D = x.size(3);
-  TORCH_CHECK(D > 0 && D % 2 == 0 && D <= kMaxD, op, ": head dim D must be even and in [2, ", kMaxD, "]; got ", D);
-  TORCH_CHECK(axes_dim.size() == 3, op, ": axes_dim must have 3 entries");
-  for (int64_t a : axes_dim) TORCH_CHECK(a >= 0 && a % 2 == 0, op, ": axes_dim entries must be even and >= 0");
-  TORCH_CHECK(axes_dim[0] + axes_dim[1] + axes_dim[2] == D, op, ": axes_dim must sum to D");
-  TORCH_CHECK(text_len >= 0 && grid_t >= 0 && grid_h >= 0 && grid_w >= 0, op, ": negative text_len or grid size");
-  TORCH_CHECK(L == text_len + grid_t * grid_h * grid_w, op, ": L != text_len + T*H*W");
-  TORCH_CHECK(tables_c.device() == x.device(), op, ": tables must be on x's device");
-  TORCH_CHECK(tables_c.scalar_type() == at::kFloat && tables_c.dim() == 3 && tables_c.size(0) == 2 &&
-                  tables_c.size(1) == grid_t + grid_h + grid_w && tables_c.size(2) == D / 2,
-              op, ": tables must be fp32 (2, T+H+W, D/2)");
+  TORCH_CHECK(D > 0 && D <= kMaxD, op, ": head dim D must be in [2, ", kMaxD, "]; got ", D);
   TORCH_CHECK(B * heads * L < INT32_MAX && grid_t < INT32_MAX && grid_h < INT32_MAX && grid_w < INT32_MAX, op,
               ": B*heads*L and the grid sizes must be < 2^31");
   Work w{};
@@ -821,6 +812,7 @@ void rope3d_launch(const char* op, const at::Tensor& x, const at::Tensor& tables
 
 at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
                        int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
+  checks::rope::args("cogvx::rope3d", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
   TORCH_CHECK(x.is_cuda(), "rope3d_cuda: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -830,29 +822,23 @@ at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t te
 
 void rope3d_inplace_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
                          int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
+  checks::rope::inplace_args("cogvx::rope3d_", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
   TORCH_CHECK(x.is_cuda(), "rope3d__cuda: x must be a CUDA tensor");
-  at::assert_no_internal_overlap(x);
   const c10::cuda::CUDAGuard guard(x.device());
   rope3d_launch("rope3d__cuda", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim, inverse, x, true);
 }
 
-// weight/bias (D,) of x's dtype or fp32, read in place through their stride.
-Affine make_affine(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                   const std::optional<at::Tensor>& bias) {
+// weight/bias (D,) of x's dtype or fp32 (checked by checks::rope), read in place through their stride.
+Affine make_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   Affine a{nullptr, nullptr, 0, 0, false, false};
-  auto one = [&](const std::optional<at::Tensor>& t, const char* name, const void** ptr, int64_t* stride,
-                 bool* fp32) {
-    if (!t.has_value() || !t->defined()) return;
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(3), op, ": ", name, " must be (D,)");
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on x's device");
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, ": ", name,
-                " must have x's dtype or float32");
+  auto one = [&](const std::optional<at::Tensor>& t, const void** ptr, int64_t* stride, bool* fp32) {
+    if (!checks::given(t)) return;
     *ptr = t->const_data_ptr();
     *stride = t->stride(0);
     *fp32 = t->scalar_type() == at::kFloat;
   };
-  one(weight, "weight", &a.weight, &a.w_stride, &a.w_fp32);
-  one(bias, "bias", &a.bias, &a.b_stride, &a.b_fp32);
+  one(weight, &a.weight, &a.w_stride, &a.w_fp32);
+  one(bias, &a.bias, &a.b_stride, &a.b_fp32);
   return a;
 }
 
@@ -861,11 +847,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cuda(
     const at::Tensor& tables, int64_t text_len, int64_t grid_t, int64_t grid_h, int64_t grid_w,
     at::IntArrayRef axes_dim, double eps) {
   const char* op = "qk_norm_rope3d_cuda";
+  checks::rope::norm_args("cogvx::qk_norm_rope3d", x, weight, bias, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tables_c = tables.contiguous();
   Work w = make_work(op, x, tables_c, text_len, grid_t, grid_h, grid_w, axes_dim);
-  const Affine aff = make_affine(op, x, weight, bias);
+  const Affine aff = make_affine(weight, bias);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mean = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty_like(mean);
@@ -897,21 +884,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_backward_cuda(
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
     int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool has_weight, bool has_bias) {
   const char* op = "qk_norm_rope3d_backward_cuda";
+  checks::rope::norm_backward_args("cogvx::qk_norm_rope3d_backward", grad_out, x, weight, mean, rstd, tables, text_len,
+                                   grid_t, grid_h, grid_w, axes_dim, has_weight);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tables_c = tables.contiguous();
   Work w = make_work(op, x, tables_c, text_len, grid_t, grid_h, grid_w, axes_dim);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.device() == x.device(),
-              op, ": grad_out must match x in shape, dtype and device");
-  for (const at::Tensor* t : {&mean, &rstd}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && t->size(1) == x.size(1) && t->size(2) == x.size(2) &&
-                    t->scalar_type() == at::kFloat && t->device() == x.device(),
-                op, ": mean and rstd must be fp32 (B, heads, L) on x's device");
-  }
-  const bool weight_given = weight.has_value() && weight->defined();
-  TORCH_CHECK(!has_weight || weight_given, op, ": has_weight requires weight");
-  const Affine aff = make_affine(op, x, weight, std::nullopt);
+  const Affine aff = make_affine(weight, std::nullopt);
   const int64_t D = x.size(3);
   auto fp32 = x.options().dtype(at::kFloat);
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
