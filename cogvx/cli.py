@@ -29,6 +29,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 VIDEO_SUFFIXES = (".mp4", ".gif")
 DEFAULT_STRENGTH = 0.8
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory limit
 
 
 class UsageError(Exception):
@@ -197,17 +198,22 @@ def memory_estimate(transformer: dict, vae: dict, *, frames: int, height: int, w
 
 
 def _available_ram() -> int:
-    """MemAvailable, or less when the process's cgroup (a container) allows less."""
+    """MemAvailable, or less when the cgroup (a container) allows less: its limit minus its use
+    less the page cache (reclaimable, as MemAvailable counts it)."""
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = CGROUP
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
+            cache = next(int(line.split()[1]) for line in (cgroup / "memory.stat").read_text().splitlines()
+                         if line.startswith("file "))
+            used = int((cgroup / "memory.current").read_text()) - cache
+            available = min(available, int(limit) - used)
+    except (OSError, StopIteration, ValueError):
         pass
     return available
 
@@ -355,9 +361,9 @@ def _read_video(path: Path) -> list:
     return [frame[..., :3] for frame in frames]
 
 
-def _preflight(args, model: Path, device: str, conditions: dict) -> tuple[int, int, int]:
-    """The model's configs and weight headers (no weights read) against the sizes, guidance, strength
-    and memory: (frames, height, width)."""
+def _preflight(args, model: Path, device: str, conditions: dict) -> None:
+    """The pipeline's checks that need only the model's configs and weight headers (no weights read):
+    sizes, guidance, strength, and memory."""
     transformer = _read_json(model / "transformer" / "config.json")
     vae = _read_json(model / "vae" / "config.json")
     try:
@@ -369,7 +375,7 @@ def _preflight(args, model: Path, device: str, conditions: dict) -> tuple[int, i
     except ValueError as exc:
         raise UsageError(f"{model}/{exc}") from None
     if (frames - 1) % ratio:
-        what = f"--video {args.video} has {frames} frames" if "video" in conditions else f"got --frames {frames}"
+        what = f"--video {args.video} has {frames} frames" if "video" in conditions else f"got {frames}"
         raise UsageError(f"--frames must be 1 + {ratio}·k (e.g. 49); {what}")
     if height % 16 or width % 16:
         raise UsageError(f"--height and --width must be multiples of 16; got {height}x{width}")
@@ -389,7 +395,6 @@ def _preflight(args, model: Path, device: str, conditions: dict) -> tuple[int, i
     except ValueError as exc:
         raise UsageError(f"{model}/{exc}") from None
     _check_memory(need, device, args, frames, height, width)
-    return frames, height, width
 
 
 def generate(args) -> int:

@@ -353,6 +353,20 @@ def test_memory_estimate_accepts_real_runs_and_refuses_impossible_ones():
                         guided=True)
 
 
+def test_available_ram_is_the_containers_limit_less_its_use_but_not_its_page_cache(tmp_path, monkeypatch):
+    import cogvx.cli
+
+    monkeypatch.setattr(cogvx.cli, "CGROUP", tmp_path)
+    host = cogvx.cli._available_ram()  # no cgroup files: MemAvailable (more than 1 GiB on a test machine)
+    assert 2**30 < host < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**29}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2**28}\nfile {2**28}\nkernel 0\n")
+    assert cogvx.cli._available_ram() == 2**30 - 2**28  # 512 MiB used, half of it cache
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cogvx.cli._available_ram() > 2**30
+
+
 def test_info_reports_versions_and_backends():
     r = cogvx("info")
     assert r.returncode == 0, r.stderr
