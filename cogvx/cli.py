@@ -141,27 +141,10 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _config_int(config: dict, key: str, default, where: str):
-    value = config.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{where}: {key} must be a positive integer; got {value!r}")
-    return value
-
-
-def _vae_geometry(vae: dict) -> tuple[int, int, list[int]]:
-    """(temporal compression ratio, spatial factor, block_out_channels) of a vae/config.json dict."""
-    ratio = _config_int(vae, "temporal_compression_ratio", 4, "vae/config.json")
-    blocks = vae.get("block_out_channels", [128, 256, 256, 512])
-    if not isinstance(blocks, list) or not blocks or not all(
-            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocks):
-        raise ValueError(f"vae/config.json: block_out_channels must be a list of positive integers; got {blocks!r}")
-    return ratio, 2 ** (len(blocks) - 1), blocks
-
-
-def memory_estimate(transformer: dict, vae: dict, *, frames: int, height: int, width: int, itemsize: int,
+def memory_estimate(transformer, vae, *, frames: int, height: int, width: int, itemsize: int,
                     guided: bool, tile: bool = False, weights: int = 0, cpu: bool = False) -> dict[str, int]:
     """A lower bound, in bytes, of the peak memory of one generation, from the sizes and the
-    transformer/ and vae/ config.json dicts (missing keys: diffusers' defaults).
+    model's TransformerConfig and VAEConfig.
 
     It counts only tensors that must exist at the same time, so a run it refuses cannot fit
     (one it accepts may still not):
@@ -175,14 +158,10 @@ def memory_estimate(transformer: dict, vae: dict, *, frames: int, height: int, w
     - output: the frames on the host as float32 and uint8 (5 bytes a value).
     Returns those parts and the totals: "device" = weights + max(denoising, decoding), "host" = output;
     with `cpu` one memory holds all: "device" = weights + the largest phase, "host" = 0."""
-    t, v = "transformer/config.json", "vae/config.json"
-    heads = _config_int(transformer, "num_attention_heads", 30, t)
-    head_dim = _config_int(transformer, "attention_head_dim", 64, t)
-    patch = _config_int(transformer, "patch_size", 2, t)
-    patch_t = _config_int(transformer, "patch_size_t", None, t) or 1
-    text_tokens = _config_int(transformer, "max_text_seq_length", 226, t)
-    channels = _config_int(vae, "latent_channels", 16, v)
-    ratio, spatial, blocks = _vae_geometry(vae)
+    heads, head_dim, patch = transformer.num_attention_heads, transformer.attention_head_dim, transformer.patch_size
+    patch_t, text_tokens = transformer.patch_size_t or 1, transformer.max_text_seq_length
+    channels, ratio, spatial = vae.latent_channels, int(vae.temporal_compression_ratio), vae.spatial_factor
+    blocks = vae.block_out_channels
     batch = 2 if guided else 1
     latent_frames = -(-((frames - 1) // ratio + 1) // patch_t) * patch_t  # 1.5 pads to whole temporal patches
     h, w = height // spatial, width // spatial
@@ -238,41 +217,8 @@ def _check_memory(need: dict[str, int], device: str, args, frames: int, height: 
                 + ("" if args.tile else ", or decode in tiles with --tile"))
 
 
-def _weight_parameters(folder: Path, skip: tuple[str, ...] = ()) -> int:
-    """Parameters in the folder's safetensors files, from their headers (no weights read); an
-    unreadable or truncated file is refused here, naming it, rather than deep in the load."""
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    for index in folder.glob("*.safetensors.index.json"):  # shards: only those the index lists
-        weight_map = _read_json(index).get("weight_map")
-        if isinstance(weight_map, dict):
-            files = sorted({folder / str(name) for name in weight_map.values()})
-    total = 0
-    for path in files:
-        try:
-            with safe_open(str(path), framework="np") as f:
-                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(skip))
-        except (OSError, SafetensorError) as exc:
-            raise UsageError(f"cannot read weights {path}: {_first_line(exc)} (a truncated or corrupt "
-                             "safetensors file?)") from None
-    return total
-
-
 def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} is missing (a CogVideoX pipeline folder has one in each part)") from None
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
-        raise UsageError(f"cannot read {path}: {_first_line(exc)}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} must hold a JSON object; got {type(config).__name__}")
-    return config
 
 
 def _check_output(out: Path) -> None:
@@ -363,17 +309,24 @@ def _read_video(path: Path) -> list:
 
 def _preflight(args, model: Path, device: str, conditions: dict) -> None:
     """The pipeline's checks that need only the model's configs and weight headers (no weights read):
-    sizes, guidance, strength, and memory."""
-    transformer = _read_json(model / "transformer" / "config.json")
-    vae = _read_json(model / "vae" / "config.json")
+    sizes, guidance, strength, and memory. The configs are read and checked as loading reads them."""
+    from . import loading
+    from .models import transformer as transformer_module, vae as vae_module
+
     try:
-        ratio, spatial, _ = _vae_geometry(vae)
-        frames = len(conditions["video"]) if "video" in conditions else \
-            args.frames or _config_int(transformer, "sample_frames", 49, "transformer/config.json")
-        height = args.height or spatial * _config_int(transformer, "sample_height", 60, "transformer/config.json")
-        width = args.width or spatial * _config_int(transformer, "sample_width", 90, "transformer/config.json")
-    except ValueError as exc:
-        raise UsageError(f"{model}/{exc}") from None
+        transformer = loading.read_config(model / "transformer", transformer_module.TransformerConfig,
+                                          transformer_module.DIFFUSERS_CLASS)
+        vae = loading.read_config(model / "vae", vae_module.VAEConfig, vae_module.DIFFUSERS_CLASS)
+        encoder = "image" in conditions or "video" in conditions
+        weights = (loading.stored_elements(model / "transformer")
+                   + loading.stored_elements(model / "vae", () if encoder else ("encoder.", "quant_conv."))
+                   + loading.stored_elements(model / "text_encoder"))
+    except (OSError, ValueError) as exc:  # missing, unreadable or invalid files, each named
+        raise UsageError(_first_line(exc)) from None
+    ratio, spatial = int(vae.temporal_compression_ratio), vae.spatial_factor
+    frames = len(conditions["video"]) if "video" in conditions else args.frames or transformer.sample_frames
+    height = args.height or spatial * transformer.sample_height
+    width = args.width or spatial * transformer.sample_width
     if (frames - 1) % ratio:
         what = f"--video {args.video} has {frames} frames" if "video" in conditions else f"got {frames}"
         raise UsageError(f"--frames must be 1 + {ratio}·k (e.g. 49); {what}")
@@ -384,16 +337,9 @@ def _preflight(args, model: Path, device: str, conditions: dict) -> None:
     if "video" in conditions and int(args.steps * conditions["strength"]) < 1:
         raise UsageError(f"--strength {conditions['strength']} × --steps {args.steps} leaves no denoising step "
                          f"(the run denoises int(steps × strength) steps); raise --strength or --steps")
-    encoder = "image" in conditions or "video" in conditions
-    weights = (_weight_parameters(model / "transformer")
-               + _weight_parameters(model / "vae", () if encoder else ("encoder.", "quant_conv."))
-               + _weight_parameters(model / "text_encoder"))
-    try:
-        need = memory_estimate(transformer, vae, frames=frames, height=height, width=width,
-                               itemsize=ITEMSIZE[args.dtype or ("bf16" if device == "cuda" else "fp32")],
-                               guided=args.guidance > 1, tile=args.tile, weights=weights, cpu=device == "cpu")
-    except ValueError as exc:
-        raise UsageError(f"{model}/{exc}") from None
+    need = memory_estimate(transformer, vae, frames=frames, height=height, width=width,
+                           itemsize=ITEMSIZE[args.dtype or ("bf16" if device == "cuda" else "fp32")],
+                           guided=args.guidance > 1, tile=args.tile, weights=weights, cpu=device == "cpu")
     _check_memory(need, device, args, frames, height, width)
 
 

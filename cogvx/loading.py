@@ -249,9 +249,11 @@ def _shard_names(index: Path) -> list[str]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the shards its index lists, or the single weights file."""
-    index = folder / INDEX_NAME
-    if index.is_file():
+    """The safetensors files of a folder: the shards its index lists (diffusers' index, or the one
+    index of another name, as transformers writes for T5), or the single weights file."""
+    indexes = [folder / INDEX_NAME] if (folder / INDEX_NAME).is_file() else sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        index = indexes[0]
         return [_regular_file(folder / name, f"shard of {str(index)!r}") for name in _shard_names(index)]
     if (folder / WEIGHTS_NAME).exists():
         return [_regular_file(folder / WEIGHTS_NAME, "weights file")]
@@ -281,6 +283,15 @@ def _survey(path: Path, skip_prefixes: tuple[str, ...], located: dict, stored: d
                     stored[kind] = stored.get(kind, 0) + max(1, math.prod(view.get_shape()))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
+def stored_elements(folder: Path, skip_prefixes: tuple[str, ...] = ()) -> int:
+    """How many values the folder's weights hold (tensors named with `skip_prefixes` left out),
+    from the safetensors headers alone; unreadable files raise naming them, as at load."""
+    located: dict[str, tuple[Path, tuple]] = {}
+    for path in weight_files(folder):
+        _survey(path, skip_prefixes, located, {})
+    return sum(math.prod(shape) for _, shape in located.values())
 
 
 def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None,
