@@ -260,3 +260,14 @@ def test_corrupt_safetensors_named_before_any_tensor_is_read(sharded_dir, monkey
     with pytest.raises(ValueError, match=f"'{shard}' is not a readable safetensors file: "):
         Transformer3D.from_pretrained(sharded_dir)
     assert opened and all(device is None for device in opened)  # only the survey: no tensor was loaded
+
+
+def test_stored_elements_from_headers_of_single_and_sharded_folders(model_dir, sharded_dir, tmp_path):
+    """Counted from the headers: equal to the model's parameters, for diffusers' index and for an
+    index of another name (transformers' model.safetensors.index.json, as sharded T5 folders have)."""
+    count = sum(p.numel() for p in Transformer3D(tiny.TRANSFORMER).parameters())
+    assert loading.stored_elements(model_dir) == count == loading.stored_elements(sharded_dir)
+    index = sharded_dir / loading.INDEX_NAME
+    index.rename(sharded_dir / "model.safetensors.index.json")
+    assert loading.stored_elements(sharded_dir) == count
+    assert loading.stored_elements(model_dir, ("transformer_blocks.",)) < count
