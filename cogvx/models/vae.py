@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from cogvx_kernels import causal_conv3d
@@ -283,6 +284,7 @@ class ResnetBlock3D(nn.Module):
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.gradient_checkpointing = False  # CausalVAE.enable_gradient_checkpointing
 
     def _normalizer(self, norm, x: torch.Tensor, zq: torch.Tensor | None, ctx: FrameContext, slices):
         return group_normalizer(norm, x, ctx, slices) if zq is None else norm.normalizer(x, zq, ctx, slices)
@@ -316,7 +318,11 @@ class Downsample3D(nn.Module):
         padded[:, :, :keep, :h, :w] = x[:, :, :keep]
         if keep < t:  # the mean of each pair: (a + b) · ½ rounds as avg_pool does (halving is exact),
             # and also runs in bf16/fp16 on CPU, where avg_pool3d has no kernel
-            torch.add(x[:, :, keep::2], x[:, :, keep + 1::2], out=padded[:, :, keep:, :h, :w]).mul_(0.5)
+            pairs = padded[:, :, keep:, :h, :w]
+            if torch.is_grad_enabled():  # out= has no autograd: the same sum, then copied in
+                pairs.copy_(x[:, :, keep::2] + x[:, :, keep + 1::2]).mul_(0.5)
+            else:
+                torch.add(x[:, :, keep::2], x[:, :, keep + 1::2], out=pairs).mul_(0.5)
         return _per_frame(self.conv, padded)
 
 
@@ -369,8 +375,24 @@ def _through_stages(stages: list[Stage], x: torch.Tensor, ctx: FrameContext, zq:
     the last decoder stage). Callers pass a temporary, not a variable they keep."""
     for stage in stages:
         for layer in stage.layers():
-            x = layer(x, ctx, zq) if isinstance(layer, ResnetBlock3D) else layer(x)
+            if not isinstance(layer, ResnetBlock3D):
+                x = layer(x)
+            elif layer.gradient_checkpointing and torch.is_grad_enabled():
+                x = _checkpointed(layer, x, ctx, zq)
+            else:
+                x = layer(x, ctx, zq)
     return x
+
+
+def _checkpointed(block: ResnetBlock3D, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None):
+    """block(x) keeping only its input for backward, which runs it again (gradient checkpointing).
+    The rerun must see the conv histories the first run saw: the context's caches are put back."""
+    before = {conv: ctx.caches.get(conv) for conv in (block.conv1, block.conv2)}
+
+    def run(x, zq):
+        ctx.caches.update(before)
+        return block(x, ctx, zq)
+    return torch.utils.checkpoint.checkpoint(run, x, zq, use_reentrant=False)
 
 
 class Encoder3D(nn.Module):
@@ -522,6 +544,14 @@ class CausalVAE(nn.Module):
         skip = tuple(f"{part}." for part in cls.PARTS if part not in parts)
         loading.load_weights(model, folder, dtype=dtype, device=device, skip_prefixes=skip)
         return model.eval()
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> "CausalVAE":
+        """Under autograd, keep only each ResNet block's input and recompute the block in backward
+        (training memory: the activations of one block at a time instead of all)."""
+        for module in self.modules():
+            if isinstance(module, ResnetBlock3D):
+                module.gradient_checkpointing = enabled
+        return self
 
     def _require(self, part: str):
         module = getattr(self, part)
