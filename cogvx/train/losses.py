@@ -1,0 +1,225 @@
+"""The VAE's training losses: reconstruction, KL, LPIPS, a 3D PatchGAN discriminator and its losses,
+LDM's adaptive GAN weight and the R1 gradient penalty.
+
+Videos are (B, C, F, H, W). The trainer combines the terms (LDM's LPIPSWithDiscriminator, one term
+at a time so each can be logged):
+
+    rec   = reconstruction_loss(x, x_rec) + w_lpips · lpips(x, x_rec)
+    g     = generator_loss(D(x_rec), kind)
+    λ     = adaptive_weight(rec, g, vae.decoder.conv_out.conv.weight, max_weight)   # the decoder's last layer
+    loss  = rec + w_kl · kl_loss(posterior) + w_gan · λ · g            (g only after the GAN start step)
+    d     = discriminator_loss(D(x), D(x_rec.detach()), kind) + w_gp · gradient_penalty(D, x)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["reconstruction_loss", "kl_loss", "LPIPS", "Discriminator3D", "discriminator_loss",
+           "generator_loss", "adaptive_weight", "gradient_penalty"]
+
+GAN_KINDS = ("hinge", "non_saturating")
+
+
+def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """mean((x − x_rec)²) for "l2", mean(|x − x_rec|) for "l1", over every element."""
+    if x.shape != x_rec.shape:
+        raise ValueError(f"x and x_rec must have the same shape; got {tuple(x.shape)} and {tuple(x_rec.shape)}")
+    if kind == "l2":
+        return F.mse_loss(x_rec, x)
+    if kind == "l1":
+        return F.l1_loss(x_rec, x)
+    raise ValueError(f"reconstruction kind must be 'l2' or 'l1'; got {kind!r}")
+
+
+def kl_loss(posterior) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) = 0.5·Σ(μ² + σ² − 1 − log σ²), summed over (C, T, H, W), mean over the
+    batch (as LDM). `posterior` has `.mean` and `.logvar` (cogvx's DiagonalGaussian: logvar clamped)."""
+    mean, logvar = posterior.mean, posterior.logvar
+    return (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).flatten(1).sum(1).mean()
+
+
+# torchvision's vgg16 `features` indices in each of lpips' five slices (lpips.pretrained_networks.vgg16).
+VGG_SLICES = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
+VGG_FILE_HELP = ("torchvision's ImageNet vgg16 state dict (vgg16-397923af.pth, keys features.N.weight/bias; "
+                 "torchvision keeps it in ~/.cache/torch/hub/checkpoints/)")
+
+
+def vgg_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """torchvision's vgg16 state dict in `path`, renamed for lpips: features.N.* -> net.slice{k}.N.*
+    (the classifier's keys are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS backbone file {path} does not exist: it must be {VGG_FILE_HELP}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"LPIPS backbone file {path} cannot be read by torch.load(weights_only=True) "
+                         f"({type(e).__name__}, chained above): it must be {VGG_FILE_HELP}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"LPIPS backbone file {path} holds a {type(state).__name__}, not a state dict: "
+                         f"it must be {VGG_FILE_HELP}")
+    renamed = {}
+    for k, layers in VGG_SLICES.items():
+        for n in layers:
+            for p in ("weight", "bias"):
+                if f"features.{n}.{p}" in state:
+                    renamed[f"net.slice{k}.{n}.{p}"] = state[f"features.{n}.{p}"]
+    return renamed
+
+
+class LPIPS(nn.Module):
+    """LPIPS (the `lpips` package, VGG16 trunk, its v0.1 linear heads) over videos: frames as a batch,
+    mean over frames and batch. Frozen: no parameter takes gradients and it stays in eval mode, but
+    gradients flow to the inputs.
+
+    `backbone` is a file with torchvision's vgg16 state dict (lpips would download it; these machines
+    cannot) or "random" (the trunk as torchvision initialises it, drawn from the global torch RNG:
+    for tests only). `.backbone_name` records which, for the log."""
+
+    def __init__(self, backbone: str | Path):
+        super().__init__()
+        import lpips
+        state = None if str(backbone) == "random" else vgg_backbone_state(backbone)  # a bad file fails first
+        with warnings.catch_warnings():  # lpips calls torchvision's deprecated vgg16(pretrained=False)
+            warnings.simplefilter("ignore", UserWarning)
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        if state is not None:
+            expected = {k for k in self.lpips.state_dict() if k.startswith("net.")}
+            if missing := sorted(expected - state.keys()):
+                raise ValueError(f"LPIPS backbone file {backbone} lacks {len(missing)} of vgg16's feature "
+                                 f"weights (e.g. {missing[0].replace('net.slice', 'slice')}): it must be {VGG_FILE_HELP}")
+            try:
+                self.lpips.load_state_dict(state, strict=False)
+            except RuntimeError as e:
+                raise ValueError(f"LPIPS backbone file {backbone} does not fit vgg16 ({e}): "
+                                 f"it must be {VGG_FILE_HELP}") from e
+        self.backbone_name = str(backbone)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)  # always eval: the heads' dropout stays off inside a training model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y: (B, 3, F, H, W) in [-1, 1], H and W at least 16 (VGG's four poolings) -> scalar."""
+        if x.shape != y.shape or x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS takes two (B, 3, F, H, W) videos of one shape; got {tuple(x.shape)} "
+                             f"and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < 16:
+            raise ValueError(f"LPIPS needs frames of at least 16×16 pixels; got {x.shape[-2]}×{x.shape[-1]}")
+        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)
+        return self.lpips(frames(x), frames(y)).mean()
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame, so that a patch's logit depends only on the frames in its
+    receptive field (and a 1-frame clip is normalised as an image)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        return super().forward(frames).reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class Discriminator3D(nn.Module):
+    """A 3D PatchGAN over (T, H, W): LDM's NLayerDiscriminator (pix2pix) with Conv3d.
+
+    Layers: conv(in -> channels) + LeakyReLU(0.2); `layers` − 1 convs doubling the channels (at most
+    8·channels) + norm + LeakyReLU; one more at stride 1; a final conv to 1 logit per patch. Every
+    conv has kernel (3, 4, 4), padding (1, 1, 1), stride (1, 2, 2) for the first `layers` and
+    (1, 1, 1) for the last two: time is never downsampled (any frame count works, a 1-frame clip is
+    an image) and each logit sees 2·(layers + 2) + 1 frames (11 for layers=3), height and width
+    shrink by 2^layers then by 2 (so they must be at least 3·2^layers: 24 for layers=3). The norm is
+    GroupNorm per frame ("group") or none ("none"): no BatchNorm (it mixes samples, which DDP and the
+    gradient penalty do not expect). Weights N(0, 0.02) as LDM's init.
+
+    (B, in_channels, F, H, W) -> logits (B, 1, F, H / 2^layers − 2, W / 2^layers − 2)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, norm: str = "group"):
+        super().__init__()
+        if in_channels < 1 or channels < 1 or layers < 1:
+            raise ValueError(f"in_channels, channels and layers must be positive; got {in_channels}, {channels}, {layers}")
+        if norm not in ("group", "none"):
+            raise ValueError(f"norm must be 'group' or 'none'; got {norm!r}")
+        self.in_channels, self.layers = in_channels, layers
+        widths = [in_channels] + [channels * min(2 ** i, 8) for i in range(layers + 1)]
+        blocks = []
+        for i in range(layers + 1):
+            stride = (1, 2, 2) if i < layers else (1, 1, 1)
+            normed = i > 0 and norm == "group"
+            blocks += [nn.Conv3d(widths[i], widths[i + 1], (3, 4, 4), stride, 1, bias=not normed)]
+            if normed:
+                blocks += [FrameGroupNorm(math.gcd(32, widths[i + 1]), widths[i + 1])]
+            blocks += [nn.LeakyReLU(0.2)]
+        blocks += [nn.Conv3d(widths[-1], 1, (3, 4, 4), 1, 1)]
+        self.net = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def min_size(self) -> int:
+        return 3 * 2 ** self.layers
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if video.dim() != 5 or video.shape[1] != self.in_channels:
+            raise ValueError(f"the discriminator takes (B, {self.in_channels}, F, H, W) videos; got {tuple(video.shape)}")
+        if min(video.shape[-2:]) < self.min_size:
+            raise ValueError(f"the discriminator with {self.layers} layers needs frames of at least "
+                             f"{self.min_size}×{self.min_size}; got {video.shape[-2]}×{video.shape[-1]}")
+        return self.net(video)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in GAN_KINDS:
+        raise ValueError(f"GAN loss kind must be one of {GAN_KINDS}; got {kind!r}")
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """hinge:          0.5·(mean(relu(1 − D(x))) + mean(relu(1 + D(x̂))))
+    non_saturating: 0.5·(mean(softplus(−D(x))) + mean(softplus(D(x̂))))
+    (the 0.5 as LDM's hinge_d_loss / vanilla_d_loss)."""
+    _check_kind(kind)
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """hinge: −mean(D(x̂)) (LDM); non_saturating: mean(softplus(−D(x̂)))."""
+    _check_kind(kind)
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.softplus(-fake_logits).mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float) -> torch.Tensor:
+    """LDM's calculate_adaptive_weight: ‖∇_w rec‖ / (‖∇_w gan‖ + 1e-4) at the last layer's weight w
+    (the decoder's `conv_out.conv.weight`), clamped to [0, max_weight], detached. The graph is kept
+    (retain_graph) for the backward of the total loss; the GAN weight from the config multiplies it
+    outside (LDM's discriminator_weight)."""
+    if max_weight < 0:
+        raise ValueError(f"max_weight must be >= 0; got {max_weight}")
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = g_rec.float().norm() / (g_gan.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def gradient_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): mean over the batch of ‖∇_x Σ D(x)‖² at the real clips, the
+    squared norm over all of a sample's elements. Differentiable (create_graph) for the
+    discriminator's backward; `real` itself is not modified (a detached copy takes the gradient)."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
