@@ -2,6 +2,8 @@
 
     cogvx generate --prompt "a red cat walking" [--model FOLDER] [--out out.mp4] ...
     cogvx info
+    cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
+    cogvx plot-log runs/vae-tiny/log.csv --out curves.png
 
 Errors from bad input end the run with one line on stderr (no traceback) and exit status 2; what
 can be checked without the weights (flags, output path, sizes against memory, input files, weight
@@ -122,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
     sub.add_parser("info", help="versions, backends built, device, memory")
+    t = sub.add_parser("train-vae", help="train the 3D causal VAE (also under torchrun: DDP or context parallel)")
+    t.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    t.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
+    pl = sub.add_parser("plot-log", help="draw a training log's curves (log.csv) into a PNG")
+    pl.add_argument("log", type=Path, help="a log.csv written by a trainer")
+    pl.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write")
     return p
 
 
@@ -423,6 +432,46 @@ def info(_args) -> int:
     return 0
 
 
+def train_vae(args) -> int:
+    """Config errors, a missing file named by it and an incompatible checkpoint: one line, before
+    any training step."""
+    from .loading import ConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.config import load_vae_config
+    from .train.vae import train_vae as train
+
+    try:
+        config = load_vae_config(args.config)
+        config.check_files()
+    except (ConfigError, OSError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder")
+    try:
+        result = train(config, args.out, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    if result["checkpoint"] is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {result['step']}; last checkpoint {result['checkpoint']}")
+    return 0
+
+
+def plot_log(args) -> int:
+    from .train.log import plot_log as plot
+
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out must end in .png; got {args.out}")
+    try:
+        probe(args.out)
+        plot(args.log, args.out)
+    except ValueError as exc:
+        raise UsageError(_first_line(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.out}: {exc.strerror or _first_line(exc)}") from None
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the cleanup short
     raise Terminated()
@@ -434,7 +483,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
-        return {"generate": generate, "info": info}[args.command](args)
+        return {"generate": generate, "info": info, "train-vae": train_vae, "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
         print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,240 @@
+"""Training checkpoints: `OUT/checkpoint-{step}/` holding
+
+- `vae/`: a diffusers-format VAE folder (our `save_pretrained`; diffusers' `AutoencoderKLCogVideoX`
+  loads it), and `vae_ema/` likewise when an EMA of the weights is kept;
+- `discriminator.safetensors`;
+- `training_state.pt`: step, data position, world size, the optimisers' and LR schedules' states and
+  the RNG states of every rank (torch CPU and CUDA, numpy, Python `random`), gathered to rank 0;
+- `train_config.json`: the training config used.
+
+A checkpoint is written into a temporary folder beside it and renamed into place by rank 0 (the other
+ranks wait at a barrier), so a `checkpoint-N` folder is always complete: the latest is the highest N
+found by scanning. The last `keep` are kept; older ones are removed only after a newer one is in
+place. Loading checks compatibility first (VAE config, discriminator tensor names and shapes,
+optimiser groups, world size) and raises `CheckpointError` naming what differs; nothing on disk is
+touched by loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .._atomic import atomic_folder
+
+STATE = "training_state.pt"
+DISCRIMINATOR = "discriminator.safetensors"
+CONFIG = "train_config.json"
+FORMAT = 1
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing files, or a model/optimiser that differs."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in out_dir, (step, folder) by increasing step. Folders being written
+    have a temporary name (`.checkpoint-N.XXXX`), so every `checkpoint-N` here is whole; one without
+    its training state (made by hand?) is not a checkpoint."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir()
+             if (m := _NAME.fullmatch(p.name)) and (p / STATE).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+# -- RNG states ---------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain Python values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's: one device per rank
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gathered_rng_states() -> list[dict]:
+    rank, world = _rank_world()
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())  # small: a few KiB per rank
+    return states
+
+
+# -- saving -------------------------------------------------------------------------------------------
+def _config_dict(config) -> dict:
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))  # Paths and tuples as JSON has them
+
+
+def _write(folder: Path, step, vae, discriminator, optimizers, schedulers, data_position, config, ema, rngs):
+    vae.save_pretrained(folder / "vae")
+    if ema is not None:
+        ema.save_pretrained(folder / "vae_ema")
+    save_file({k: v.detach().contiguous() for k, v in discriminator.state_dict().items()},
+              str(folder / DISCRIMINATOR), metadata={"format": "pt"})
+    torch.save({"format": FORMAT, "step": step, "data_position": data_position, "world_size": len(rngs),
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                "rng": rngs}, folder / STATE)
+    (folder / CONFIG).write_text(json.dumps(_config_dict(config), indent=2, sort_keys=True))
+
+
+def _remove(folder: Path) -> None:
+    """Rename out of the checkpoint namespace first, so a half-removed folder never looks complete."""
+    doomed = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.removing."))
+    os.replace(folder, doomed / folder.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, vae, discriminator, optimizers: dict, schedulers: dict,
+                    data_position: int, config, ema=None, keep: int = 3) -> Path:
+    """Write `out_dir/checkpoint-{step}` (see the module docstring); every rank calls it (their RNG
+    states are gathered), rank 0 writes. `vae` and `ema` are CausalVAEs (unwrapped from DDP);
+    `optimizers`/`schedulers` map names to objects with state_dict(). Keeps the newest `keep`
+    checkpoints. Returns the folder."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1; got {keep}")
+    rank, _ = _rank_world()
+    rngs = _gathered_rng_states()
+    folder = Path(out_dir) / f"checkpoint-{step}"
+    if rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write = lambda tmp: _write(tmp, step, vae, discriminator, optimizers, schedulers,  # noqa: E731
+                                   data_position, config, ema, rngs)
+        if os.path.lexists(folder):  # the same step again (a resumed run's last step): replaced whole
+            fresh = Path(out_dir) / f".checkpoint-{step}.new"
+            shutil.rmtree(fresh, ignore_errors=True)
+            atomic_folder(fresh, write)
+            _remove(folder)
+            os.rename(fresh, folder)
+        else:
+            atomic_folder(folder, write)
+        for _, old in checkpoints(out_dir)[:-keep]:
+            if old != folder:
+                _remove(old)
+    _barrier()
+    return folder
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def _differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {current.get(k, '(absent)')!r}"
+            for k in keys if not k.startswith("_") and saved.get(k) != current.get(k)]
+
+
+def _shape_differences(what: str, saved: dict, current: dict) -> list[str]:
+    out = [f"{what} {k} missing from the checkpoint" for k in sorted(current.keys() - saved.keys())]
+    out += [f"{what} {k} in the checkpoint is not in the model" for k in sorted(saved.keys() - current.keys())]
+    out += [f"{what} {k}: checkpoint {tuple(saved[k].shape)}, now {tuple(current[k].shape)}"
+            for k in sorted(saved.keys() & current.keys()) if saved[k].shape != current[k].shape]
+    return out
+
+
+def _optimizer_differences(name: str, saved: dict, opt) -> list[str]:
+    groups, now = saved["param_groups"], opt.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in now]:
+        return [f"optimizer {name!r}: parameter groups of {[len(g['params']) for g in groups]} tensors in the "
+                f"checkpoint, {[len(g['params']) for g in now]} now"]
+    shapes = {p: tuple(opt.param_groups[i]["params"][j].shape)
+              for i, g in enumerate(now) for j, p in enumerate(g["params"])}
+    bad = [p for p, s in saved["state"].items() if "exp_avg" in s and p in shapes
+           and tuple(s["exp_avg"].shape) != shapes[p]]
+    return [f"optimizer {name!r}: state of {len(bad)} parameters has other shapes"] if bad else []
+
+
+def load_checkpoint(folder: str | Path, *, vae, discriminator, optimizers: dict, schedulers: dict,
+                    ema=None) -> dict:
+    """Restore what save_checkpoint wrote into the given objects (weights copied into the existing
+    parameters, so optimisers and DDP keep theirs) and this rank's RNG states. Returns
+    {"step", "data_position", "config"}. Checks everything before changing anything: an incompatible
+    checkpoint raises CheckpointError listing every difference, and leaves the objects as they were."""
+    from ..models.vae import CausalVAE
+
+    folder = Path(folder)
+    missing = [name for name in ("vae/config.json", DISCRIMINATOR, STATE) + (("vae_ema/config.json",) if ema else ())
+               if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
+    try:
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        saved_vae = json.loads((folder / "vae" / "config.json").read_text())
+        disc = load_file(str(folder / DISCRIMINATOR))
+    except Exception as exc:  # unreadable: name the file and the cause
+        raise CheckpointError(f"checkpoint {folder} cannot be read: {type(exc).__name__}: {exc}") from exc
+    rank, world = _rank_world()
+    problems = [f"VAE config {d}" for d in _differences(saved_vae, vae.config.to_dict())]
+    problems += _shape_differences("discriminator tensor", disc, discriminator.state_dict())
+    if state.get("format") != FORMAT:
+        problems.append(f"training state format {state.get('format')!r}, this version reads {FORMAT}")
+    if state.get("world_size") != world:
+        problems.append(f"world size: checkpoint {state.get('world_size')} ranks, now {world} (the data "
+                        f"position and RNG states are per rank)")
+    for kind, given in (("optimizers", optimizers), ("schedulers", schedulers)):
+        if set(state.get(kind, {})) != set(given):
+            problems.append(f"{kind}: checkpoint {sorted(state.get(kind, {}))}, now {sorted(given)}")
+    problems += [p for name, opt in optimizers.items() if name in state.get("optimizers", {})
+                 for p in _optimizer_differences(name, state["optimizers"][name], opt)]
+    if problems:
+        raise CheckpointError(f"cannot resume from {folder}: " + "; ".join(problems))
+    try:
+        weights = CausalVAE.from_pretrained(folder / "vae", dtype=torch.float32).state_dict()
+        ema_weights = CausalVAE.from_pretrained(folder / "vae_ema", dtype=torch.float32).state_dict() if ema else None
+    except Exception as exc:
+        raise CheckpointError(f"cannot resume from {folder}: {exc}") from exc
+    with torch.no_grad():
+        vae.load_state_dict(weights)
+        if ema is not None:
+            ema.load_state_dict(ema_weights)
+        discriminator.load_state_dict(disc)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(state["schedulers"][name])
+    set_rng_state(state["rng"][rank])
+    config_path = folder / CONFIG
+    return {"step": state["step"], "data_position": state["data_position"],
+            "config": json.loads(config_path.read_text()) if config_path.is_file() else None}

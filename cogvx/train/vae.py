@@ -1,0 +1,435 @@
+"""Training the 3D causal VAE (`cogvx train-vae`): one loop, read top to bottom, like diffusers'
+training examples.
+
+    train_vae(load_vae_config("configs/vae-tiny.toml"), "runs/vae-tiny")
+
+Set-up: seed, device, torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPU), the
+VAE (a diffusers-format folder or from scratch; whole-clip chunking, as SAT trains it), the 3D
+discriminator, LPIPS, two AdamW optimisers with warm-up then constant or cosine LR, the data with
+held-out validation clips. Each step:
+
+1. VAE: encode → sample → decode, loss = w_rec·rec + w_kl·KL + w_lpips·LPIPS
+   (+ from `gan_start_step`: w_gan · adaptive weight · generator loss), backward (accumulated over
+   `grad_accumulation` micro-batches), clip, AdamW step;
+2. discriminator (from `gan_start_step`): hinge / non-saturating loss on real vs reconstructed
+   clips (+ R1 gradient penalty), AdamW step;
+3. EMA of the VAE weights; a CSV row; checkpoints, validation (PSNR/SSIM + an input | reconstruction
+   mp4) on their schedules.
+
+Scale: under torchrun, stage 1 is data parallel (DDP: each rank its share of the batch; gradients
+averaged), stage 2 (`train.context_parallel`) context parallel along time: every rank holds the same
+clips and encodes/decodes its frame slice (cogvx.parallel.vae), parameter gradients summed over ranks.
+
+Determinism: the posterior's noise is drawn per sample from a generator seeded by (seed, step,
+micro-batch, global sample index), so it depends neither on how the batch is split over ranks nor on
+where a run was resumed; the data order comes from `Batches` (seeded, positioned), everything else
+from the RNG states a checkpoint restores.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.vae import CausalVAE
+from . import checkpoint as ckpt
+from .log import CSVLog, peak_memory, progress
+
+KEEP_CHECKPOINTS = 3
+TERMS = ("rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp")
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB over all elements: 10·log10(range² / MSE) (inf when equal)."""
+    mse = (x.double() - y.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
+    """SSIM (Wang et al. 2004) of two videos (B, C, F, H, W): per frame and channel with an 11×11
+    Gaussian window (σ 1.5) over the valid positions, K1 0.01, K2 0.03; the mean over everything."""
+    if x.shape != y.shape or x.dim() != 5:
+        raise ValueError(f"ssim takes two (B, C, F, H, W) videos of one shape; got {tuple(x.shape)}, {tuple(y.shape)}")
+    frames = lambda v: v.double().transpose(1, 2).flatten(0, 2)[:, None]  # (B·F·C, 1, H, W)
+    x, y = frames(x), frames(y)
+    size = min(11, x.shape[-2], x.shape[-1])
+    window = _gaussian_window(size)[None, None].to(x.device)
+    blur = lambda v: F.conv2d(v, window)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped (what a viewer sees)."""
+    return ((video.float() + 1) / 2).clamp(0, 1)
+
+
+# -- pieces of the loop -------------------------------------------------------------------------------
+class EMA:
+    """An exponential moving average of a model's weights: ema ← decay·ema + (1 − decay)·weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+
+
+class Autoencode(nn.Module):
+    """encode → sample (mean + std · noise) → decode as one forward, so DDP sees the whole step.
+    Under autocast the latents are cast back to the weights' dtype (the decoder checks it)."""
+
+    def __init__(self, vae: CausalVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor, noise: torch.Tensor):
+        posterior = self.vae.encode(video)
+        latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        return self.vae.decode(latents.to(video.dtype)), posterior
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warm-up over `warmup` steps, then 1 (constant) or a cosine from 1 to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return factor
+
+
+def sample_noise(shape, seed: int, step: int, micro: int, first_index: int, device, dtype) -> torch.Tensor:
+    """Standard normal noise (B, ...) for samples first_index.. of a global batch: each sample's from
+    its own generator seeded by (seed, step, micro-batch, index)."""
+    out = []
+    for i in range(shape[0]):
+        key = int(np.random.SeedSequence([seed, step, micro, first_index + i]).generate_state(1, np.uint64)[0])
+        g = torch.Generator().manual_seed(key)
+        out.append(torch.randn(shape[1:], generator=g, dtype=torch.float32))
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def _distributed(device_kind: str) -> tuple[int, int, bool]:
+    """(rank, world, whether we initialised the process group): from torchrun's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+def _frames_uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    return (to_unit(video) * 255).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def validate(vae: CausalVAE, clips: list[torch.Tensor], device, autocast, video_path: Path | None,
+             cp_group=None) -> dict:
+    """PSNR and SSIM (on [0, 1]) of the posterior-mode reconstructions of the held-out clips; the
+    first clip's input | reconstruction side by side written to `video_path` (rank 0)."""
+    from ..cli import write_video
+
+    was_training = vae.training
+    vae.eval()
+    scores, first = [], None
+    for clip in clips:
+        x = clip[None].to(device)
+        with autocast:
+            if cp_group is None:
+                rec = vae.decode(vae.encode(x).mode())
+            else:
+                from ..parallel.vae import decode, encode
+                rec = decode(vae, encode(vae, x, group=cp_group).mode(), group=cp_group)
+        rec = rec.float()
+        scores.append((psnr(to_unit(x), to_unit(rec)), ssim(to_unit(x), to_unit(rec))))
+        if first is None:
+            first = torch.cat([x[0], rec[0]], dim=-1)  # input | reconstruction
+    vae.train(was_training)
+    if video_path is not None and first is not None:
+        video_path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(_frames_uint8(first), video_path, fps=8)
+    finite = [p for p, _ in scores if math.isfinite(p)]
+    return {"val_psnr": sum(finite) / len(finite) if finite else math.inf,
+            "val_ssim": sum(s for _, s in scores) / len(scores)}
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train as `config` (a VAETrainConfig) says, writing checkpoints, log.csv and validation videos
+    to out_dir (default: config.train.out). resume=True continues from the latest checkpoint there.
+    Returns {"step", "checkpoint", "last": the last logged row, "validation": the last scores}."""
+    from .data import Batches, make_dataset
+    from .losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
+                         gradient_penalty, kl_loss, reconstruction_loss)
+
+    c_model, c_data, c_loss, c_disc, c_optim, c_train = (config.model, config.data, config.loss, config.discriminator,
+                                                         config.optim, config.train)
+    out_dir = Path(out_dir if out_dir is not None else c_train.out)
+    config.check_files()
+
+    # ---- set-up: processes, device, seed
+    device = _device(c_train.device)
+    rank, world, owns_group = _distributed(device.type)
+    try:
+        config.check_world(world)
+        context_parallel = c_train.context_parallel and world > 1
+        main = rank == 0
+        latest = ckpt.latest_checkpoint(out_dir)
+        if resume and latest is None:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {out_dir} to resume from")
+        if not resume and latest is not None:
+            raise ckpt.CheckpointError(f"{out_dir} already has checkpoints (latest {latest.name}): pass --resume "
+                                       f"to continue that run, or choose another output folder")
+        torch.manual_seed(c_train.seed)  # the same initial weights on every rank
+        np.random.seed(c_train.seed)
+
+        # ---- models
+        if c_model.pretrained is not None:
+            vae = CausalVAE.from_pretrained(c_model.pretrained, dtype=torch.float32, device=device, chunking="whole")
+        else:
+            vae = CausalVAE(c_model.vae, chunking="whole").to(device)
+        vae.set_chunking("whole").train()  # one chunk per clip: GroupNorm over the clip, as SAT trains
+        latent_frames = 1 + (c_data.frames - 1) // int(vae.config.temporal_compression_ratio)
+        if vae.decoded_frames(latent_frames) != c_data.frames:  # an even latent count decodes to 4 frames each
+            from ..loading import ConfigError
+            raise ConfigError("VAE training", [
+                f"data.frames = {c_data.frames} gives {latent_frames} latent frames, which decode to "
+                f"{vae.decoded_frames(latent_frames)} frames: reconstructions must have the clip's length, so "
+                f"data.frames must give an odd latent count (1 + 8k: {c_data.frames - 4} or {c_data.frames + 4})"],
+                config.source)
+        if c_train.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        discriminator = Discriminator3D(3, c_disc.channels, c_disc.layers).to(device).train()
+        lpips = None
+        if c_loss.lpips_weight > 0:
+            lpips = LPIPS(c_loss.lpips_backbone).to(device)
+            if main:
+                print(f"LPIPS backbone: {'random (tests only: its distances mean little)' if lpips.backbone_name == 'random' else lpips.backbone_name}")
+        ema = EMA(vae, c_train.ema_decay) if c_train.ema_decay is not None else None
+        last_layer = vae.decoder.conv_out.conv.weight
+
+        autoencode, disc_model = Autoencode(vae), discriminator
+        if world > 1 and not context_parallel:
+            ids = [device.index] if device.type == "cuda" else None
+            autoencode = nn.parallel.DistributedDataParallel(autoencode, device_ids=ids)
+            disc_model = nn.parallel.DistributedDataParallel(discriminator, device_ids=ids)
+        cp_group = dist.group.WORLD if context_parallel else None
+
+        # ---- optimisers and LR schedules
+        optim = torch.optim.AdamW(vae.parameters(), lr=c_optim.lr, betas=c_optim.betas,
+                                  weight_decay=c_optim.weight_decay)
+        disc_optim = torch.optim.AdamW(discriminator.parameters(), lr=c_optim.disc_lr, betas=c_optim.betas,
+                                       weight_decay=c_optim.weight_decay)
+        schedule = lr_lambda(c_optim.warmup_steps, c_train.steps, c_optim.schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
+        disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_optim, schedule)
+        optimizers, schedulers = {"vae": optim, "discriminator": disc_optim}, {"vae": sched, "discriminator": disc_sched}
+
+        # ---- data: the first validation_clips clips held out
+        dataset = make_dataset(c_data.source, frames=c_data.frames, height=c_data.height, width=c_data.width,
+                               seed=c_data.seed, length=c_data.length if c_data.synthetic else None)
+        held = min(c_data.validation_clips, max(len(dataset) - 1, 0))
+        validation = [item["video"] for i in range(held) if (item := dataset[i]) is not None]
+        train_set = torch.utils.data.Subset(dataset, range(held, len(dataset)))
+        data_rank, data_world = (0, 1) if context_parallel else (rank, world)  # CP: every rank the same clips
+
+        # ---- resume
+        step, position = 0, 0
+        if resume:
+            state = ckpt.load_checkpoint(latest, vae=vae, discriminator=discriminator, optimizers=optimizers,
+                                         schedulers=schedulers, ema=ema.model if ema else None)
+            step, position = state["step"], state["data_position"]
+            if main:
+                print(f"resumed from {latest} at step {step}")
+        batches = Batches(train_set, batch_size=c_data.batch_size, seed=c_data.seed, rank=data_rank,
+                          world=data_world, num_workers=c_data.num_workers, start=position)
+
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    and c_train.mixed_precision == "bf16" else contextlib.nullcontext())
+        columns = ["step", "loss", *TERMS, "lr", "disc_lr", "grad_norm", "disc_grad_norm", "sec_per_step",
+                   "peak_memory", "skipped", "val_psnr", "val_ssim"]
+        log = CSVLog(out_dir / "log.csv", columns, resume_step=step) if main else None
+        bar = progress(c_train.steps, step, main)
+        skipped = 0
+        saved, scores, row = None, {}, {}
+        accumulation = c_optim.grad_accumulation
+        params = list(vae.parameters())
+
+        def encode_decode(video, noise):
+            if cp_group is None:
+                return autoencode(video, noise)
+            from ..parallel.vae import autoencode as cp_autoencode
+            return cp_autoencode(vae, video, noise, group=cp_group)
+
+        # ---- the loop
+        while step < c_train.steps:
+            started = time.perf_counter()
+            gan_on = step >= c_loss.gan_start_step and c_loss.gan_weight > 0
+            terms = torch.zeros(len(TERMS), dtype=torch.float64)
+            reals, fakes = [], []
+
+            # 1. the VAE (generator) step, accumulated over micro-batches
+            discriminator.requires_grad_(False)  # the generator loss's gradient stops at the clip
+            for micro in range(accumulation):
+                batch = next(batches)
+                skipped += batch["skipped"]
+                video = batch["video"].to(device, non_blocking=True)
+                first = data_rank * video.shape[0]
+                noise_shape = (video.shape[0], vae.config.latent_channels,
+                               1 + (video.shape[2] - 1) // int(vae.config.temporal_compression_ratio),
+                               video.shape[3] // vae.config.spatial_factor, video.shape[4] // vae.config.spatial_factor)
+                noise = sample_noise(noise_shape, c_train.seed, step, micro, first, device, torch.float32)
+                last_micro = micro == accumulation - 1
+                sync = (autoencode.no_sync() if isinstance(autoencode, nn.parallel.DistributedDataParallel)
+                        and not last_micro else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        rec, posterior = encode_decode(video, noise)
+                        rec_loss = reconstruction_loss(video, rec.float(), c_loss.reconstruction)
+                        kl = kl_loss(posterior)
+                        lp = lpips(video, rec.float()) if lpips is not None else rec.new_zeros(())
+                        nll = c_loss.reconstruction_weight * rec_loss + c_loss.lpips_weight * lp
+                        loss = nll + c_loss.kl_weight * kl
+                        gan = weight = rec.new_zeros(())
+                        if gan_on:
+                            gan = generator_loss(discriminator(rec), c_loss.gan_loss)
+                            weight = (adaptive_weight(nll, gan, last_layer, c_loss.adaptive_weight_max)
+                                      if c_loss.adaptive_weight else torch.ones((), device=device))
+                            weight = _mean_over_ranks(weight.float().clone(), world)  # one weight for all ranks
+                            loss = loss + c_loss.gan_weight * weight * gan
+                    (loss / accumulation).backward()
+                if cp_group is not None and last_micro:  # each rank holds its frames' share of the gradient
+                    for p in params:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                terms[:5] += torch.stack([rec_loss, kl, lp, gan, weight]).detach().double().cpu() / accumulation
+                reals.append(video)
+                fakes.append(rec.detach())
+                del rec, posterior, loss
+            grad_norm = nn.utils.clip_grad_norm_(params, c_optim.grad_clip if c_optim.grad_clip > 0 else math.inf)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            discriminator.requires_grad_(True)
+
+            # 2. the discriminator step (from gan_start_step)
+            disc_norm = torch.zeros(())
+            if gan_on:
+                for micro, (real, fake) in enumerate(zip(reals, fakes)):
+                    last_micro = micro == accumulation - 1
+                    sync = (disc_model.no_sync() if isinstance(disc_model, nn.parallel.DistributedDataParallel)
+                            and not last_micro else contextlib.nullcontext())
+                    with sync:
+                        with autocast:
+                            logits = disc_model(torch.cat([real, fake.to(real.dtype)]))  # one forward for DDP
+                            d_loss = discriminator_loss(*logits.float().chunk(2), c_loss.gan_loss)
+                            gp = (gradient_penalty(discriminator, real) if c_loss.gradient_penalty_weight > 0
+                                  else d_loss.new_zeros(()))
+                        ((d_loss + c_loss.gradient_penalty_weight * gp) / accumulation).backward()
+                    terms[5:] += torch.stack([d_loss, gp]).detach().double().cpu() / accumulation
+                if cp_group is not None:
+                    for p in discriminator.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world  # every rank judged the same clips
+                disc_norm = nn.utils.clip_grad_norm_(discriminator.parameters(),
+                                                     c_optim.grad_clip if c_optim.grad_clip > 0 else math.inf)
+                disc_optim.step()
+                disc_optim.zero_grad(set_to_none=True)
+            del reals, fakes
+            lrs = (sched.get_last_lr()[0], disc_sched.get_last_lr()[0])
+            sched.step()
+            disc_sched.step()
+            if ema is not None:
+                ema.update(vae)
+            step += 1
+
+            # 3. log, checkpoint, validate
+            if step % c_train.log_every == 0 or step == c_train.steps:
+                if not context_parallel:  # CP: every rank computed the same losses already
+                    terms = _mean_over_ranks(terms.to(device), world).cpu()
+                total_skipped = torch.tensor([skipped], device=device)
+                if world > 1 and not context_parallel:
+                    dist.all_reduce(total_skipped)
+                values = dict(zip(TERMS, terms.tolist()))
+                if not gan_on:
+                    values.update(gan=None, gan_weight=None, disc=None, gp=None)
+                total = (c_loss.reconstruction_weight * values["rec"] + c_loss.kl_weight * values["kl"]
+                         + c_loss.lpips_weight * values["lpips"]
+                         + (c_loss.gan_weight * values["gan_weight"] * values["gan"] if gan_on else 0.0))
+                row = {"step": step, "loss": total, **values, "lr": lrs[0], "disc_lr": lrs[1],
+                       "grad_norm": float(grad_norm), "disc_grad_norm": float(disc_norm) if gan_on else None,
+                       "sec_per_step": time.perf_counter() - started, "peak_memory": peak_memory(device),
+                       "skipped": int(total_skipped.item())}
+                skipped = 0  # the column counts the files skipped since the previous row
+            validate_now = (c_train.validate_every and step % c_train.validate_every == 0) or step == c_train.steps
+            if validate_now and validation:
+                target = out_dir / "validation" / f"step-{step}.mp4" if main else None
+                scores = validate(ema.model if ema else vae, validation, device, autocast, target, cp_group)
+                if main:
+                    bar.write(f"step {step}: validation PSNR {scores['val_psnr']:.2f} dB, "
+                              f"SSIM {scores['val_ssim']:.4f}")
+                if row.get("step") == step:
+                    row.update(scores)
+            if main and row.get("step") == step:
+                log.write(row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", *TERMS) and v is not None},
+                                refresh=False)
+            bar.update(1)
+            if step % c_train.checkpoint_every == 0 or step == c_train.steps:
+                saved = ckpt.save_checkpoint(out_dir, step, vae=vae, discriminator=discriminator,
+                                             optimizers=optimizers, schedulers=schedulers,
+                                             data_position=batches.position, config=config,
+                                             ema=ema.model if ema else None, keep=KEEP_CHECKPOINTS)
+        bar.close()
+        if log is not None:
+            log.close()
+        return {"step": step, "checkpoint": saved, "last": row, "validation": scores}
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

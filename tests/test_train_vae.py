@@ -1,0 +1,277 @@
+"""The VAE trainer (cogvx/train/vae.py), its checkpoints and logs, and `cogvx train-vae` / `plot-log`.
+Tiny models (VAE channels 8-16, 9 frames of 16×24), a few steps each, CPU."""
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvx.models.vae import CausalVAE
+from cogvx.train import checkpoint as ckpt
+from cogvx.train.log import CSVLog, plot_log, read_log
+from cogvx.train.vae import EMA, lr_lambda, psnr, sample_noise, ssim
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                sample_height=16, sample_width=24)
+
+
+def config_dict(**sections) -> dict:
+    """A tiny training config (TOML-shaped); `sections` override keys: config_dict(train={"steps": 3})."""
+    base = {
+        "model": {"vae": dict(TINY_VAE)},
+        "data": {"source": "synthetic:shapes", "frames": 9, "height": 16, "width": 24, "batch_size": 2,
+                 "validation_clips": 2, "length": 32, "seed": 0},
+        "loss": {"kl_weight": 1e-6, "lpips_weight": 0.1, "lpips_backbone": "random", "gan_weight": 0.1,
+                 "gan_start_step": 2, "gradient_penalty_weight": 0.0},
+        "discriminator": {"channels": 8, "layers": 2},
+        "optim": {"lr": 2e-3, "disc_lr": 1e-3, "warmup_steps": 1, "schedule": "cosine"},
+        "train": {"steps": 4, "checkpoint_every": 2, "validate_every": 0, "log_every": 1, "seed": 0,
+                  "device": "cpu"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return base
+
+
+def make_config(**sections):
+    from cogvx.train.config import VAETrainConfig
+    return VAETrainConfig.from_dict(config_dict(**sections))
+
+
+def write_toml(path: Path, config: dict) -> Path:
+    def value(v):
+        if isinstance(v, str):
+            return '"' + v + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+    lines = []
+    for name, table in config.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def losses(out: Path) -> dict[int, dict]:
+    _, rows = read_log(out / "log.csv")
+    return {int(r["step"]): r for r in rows}
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def test_psnr_known_cases():
+    x = torch.rand(1, 3, 2, 8, 8, dtype=torch.float64)
+    assert psnr(x, x) == math.inf
+    y = x + 0.1  # MSE 0.01 on a range of 1: 20 dB
+    assert psnr(x, y) == pytest.approx(20.0, abs=1e-9)
+    assert psnr(x * 2, y * 2, data_range=2.0) == pytest.approx(20.0, abs=1e-9)
+
+
+def test_ssim_known_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 3, 16, 16, generator=g)
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    # constant frames a and b: SSIM = (2ab + C1)/(a² + b² + C1) (the structure term is C2/C2 = 1)
+    a, b, c1 = 0.3, 0.6, 0.01 ** 2
+    assert ssim(torch.full((1, 1, 1, 16, 16), a), torch.full((1, 1, 1, 16, 16), b)) == pytest.approx(
+        (2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+    noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert 0 < ssim(x, noisy) < ssim(x, (x + noisy) / 2) < 1  # closer → higher
+    # per frame: a shifted frame order changes it (frames are not pooled together)
+    assert ssim(x, x.roll(1, dims=2)) < 0.5
+
+
+def test_ssim_matches_a_direct_computation():
+    """One frame, one channel: the window sums written out by hand at one position (valid region)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(11, 11, generator=g, dtype=torch.float64), torch.rand(11, 11, generator=g, dtype=torch.float64)
+    k = torch.exp(-(torch.arange(11.0, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = torch.outer(k, k) / k.sum() ** 2
+    mx, my = (w * x).sum(), (w * y).sum()
+    vx, vy, cxy = (w * x * x).sum() - mx ** 2, (w * y * y).sum() - my ** 2, (w * x * y).sum() - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    want = ((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).item()
+    assert ssim(x[None, None, None].float(), y[None, None, None].float()) == pytest.approx(want, rel=1e-5)
+
+
+def test_lr_schedule():
+    f = lr_lambda(4, 12, "cosine")
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+    c = lr_lambda(0, 10, "constant")
+    assert {c(s) for s in range(20)} == {1.0}
+
+
+def test_noise_depends_on_the_sample_not_the_split():
+    whole = sample_noise((4, 2, 3, 2, 2), 7, 5, 0, 0, "cpu", torch.float32)
+    parts = torch.cat([sample_noise((2, 2, 3, 2, 2), 7, 5, 0, r * 2, "cpu", torch.float32) for r in range(2)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, sample_noise((4, 2, 3, 2, 2), 7, 6, 0, 0, "cpu", torch.float32))
+
+
+def test_ema():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, 0.9)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 0.9 * before + 0.1 * model.weight)
+    assert not ema.model.weight.requires_grad
+
+
+# -- gradient checkpointing ----------------------------------------------------------------------------
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    vae = CausalVAE(TINY_VAE, chunking="whole")
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+
+    def grads():
+        vae.zero_grad()
+        posterior = vae.encode(x)
+        ((vae.decode(posterior.mean) - x) ** 2).mean().backward()
+        return [p.grad.clone() for p in vae.parameters()]
+    plain = grads()
+    checkpointed = grads() if not vae.enable_gradient_checkpointing() else grads()
+    assert all(b.gradient_checkpointing for b in vae.modules() if hasattr(b, "gradient_checkpointing"))
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- log ----------------------------------------------------------------------------------------------
+def test_log_resume_drops_later_rows_and_plot(tmp_path):
+    path = tmp_path / "log.csv"
+    log = CSVLog(path, ["step", "rec", "lr"])
+    for step in range(1, 6):
+        log.write({"step": step, "rec": 1.0 / step, "lr": None if step == 2 else 1e-3})
+    log.close()
+    log = CSVLog(path, ["step", "rec", "lr"], resume_step=3)  # resumed from checkpoint-3
+    log.write({"step": 4, "rec": 0.5})
+    log.close()
+    columns, rows = read_log(path)
+    assert columns == ["step", "rec", "lr"] and [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert float(rows[0]["rec"]) == 1.0 and rows[1]["lr"] == "" and float(rows[3]["rec"]) == 0.5
+    with pytest.raises(ValueError, match="columns"):
+        CSVLog(path, ["step", "other"], resume_step=3)
+    png = plot_log(path, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".curves*"))  # no temporary left
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def _parts(seed=0, vae_config=TINY_VAE):
+    from cogvx.train.losses import Discriminator3D
+    torch.manual_seed(seed)
+    vae = CausalVAE(vae_config, chunking="whole")
+    disc = Discriminator3D(3, 8, 2)
+    opts = {"vae": torch.optim.AdamW(vae.parameters(), lr=1e-3), "discriminator": torch.optim.AdamW(disc.parameters())}
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, 10, "cosine")) for k, o in opts.items()}
+    return vae, disc, opts, scheds
+
+
+def _one_step(vae, disc, opts, scheds):
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    loss = ((vae.decode(vae.encode(x).mean) - x) ** 2).mean() + disc(x).mean()
+    loss.backward()
+    for o in opts.values():
+        o.step()
+    for s in scheds.values():
+        s.step()
+
+
+def test_checkpoint_round_trip_keep_and_diffusers_loads_it(tmp_path):
+    import diffusers
+    vae, disc, opts, scheds = _parts()
+    _one_step(vae, disc, opts, scheds)
+    ema = EMA(vae, 0.5)
+    config = make_config()
+    for step in (1, 2, 3, 4):
+        folder = ckpt.save_checkpoint(tmp_path, step, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
+                                      data_position=step * 10, config=config, ema=ema.model, keep=2)
+    assert [s for s, _ in ckpt.checkpoints(tmp_path)] == [3, 4] and ckpt.latest_checkpoint(tmp_path) == folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # no temporaries left
+    assert {p.name for p in folder.iterdir()} == {"vae", "vae_ema", "discriminator.safetensors",
+                                                   "training_state.pt", "train_config.json"}
+    torch.manual_seed(123)
+    expected_after = torch.rand(3)  # the RNG continues as it would have after the save
+    # restore into fresh objects
+    vae2, disc2, opts2, scheds2 = _parts(seed=1)
+    ema2 = EMA(vae2, 0.5)
+    torch.manual_seed(123)
+    state = ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2, schedulers=scheds2,
+                                 ema=ema2.model)
+    assert state["step"] == 4 and state["data_position"] == 40 and state["config"]["train"]["steps"] == 4
+    for a, b in zip([*vae.state_dict().values(), *disc.state_dict().values()],
+                    [*vae2.state_dict().values(), *disc2.state_dict().values()]):
+        assert torch.equal(a, b)
+    assert opts2["vae"].state_dict()["state"][0]["step"] == 1 and scheds2["vae"].last_epoch == 1
+    torch.testing.assert_close(opts2["vae"].state_dict()["state"][3]["exp_avg"],
+                               opts["vae"].state_dict()["state"][3]["exp_avg"], rtol=0, atol=0)
+    assert not torch.equal(torch.rand(3), expected_after)  # set to the state at saving, not left at 123
+    # the same step again (a resumed run ending where it started) replaces the folder whole
+    ckpt.save_checkpoint(tmp_path, 4, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
+                         data_position=41, config=config, ema=ema.model, keep=2)
+    assert ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2,
+                                schedulers=scheds2, ema=ema2.model)["data_position"] == 41
+    # diffusers loads the VAE folder and decodes the same
+    theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae").eval()
+    ours = CausalVAE.from_pretrained(folder / "vae")
+    z = torch.randn(1, 4, 3, 2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_incompatible_checkpoint_is_a_clear_error_and_kept(tmp_path):
+    vae, disc, opts, scheds = _parts()
+    folder = ckpt.save_checkpoint(tmp_path, 2, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
+                                  data_position=0, config=make_config())
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    other = dict(TINY_VAE, latent_channels=8)
+    vae2, disc2, opts2, scheds2 = _parts(vae_config=other)
+    before = [p.clone() for p in vae2.parameters()]
+    with pytest.raises(ckpt.CheckpointError, match=r"latent_channels: checkpoint 4, now 8"):
+        ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2, schedulers=scheds2)
+    assert all(torch.equal(a, b) for a, b in zip(before, vae2.parameters()))  # nothing changed
+    from cogvx.train.losses import Discriminator3D
+    with pytest.raises(ckpt.CheckpointError, match="discriminator tensor"):
+        ckpt.load_checkpoint(folder, vae=vae, discriminator=Discriminator3D(3, 16, 2), optimizers=opts,
+                             schedulers=scheds)
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizers: checkpoint \['discriminator', 'vae'\], now \['vae'\]"):
+        ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers={"vae": opts["vae"]}, schedulers=scheds)
+    (folder / "discriminator.safetensors").rename(tmp_path / "moved")
+    with pytest.raises(ckpt.CheckpointError, match="incomplete: missing discriminator.safetensors"):
+        ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds)
+    (tmp_path / "moved").rename(folder / "discriminator.safetensors")
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == files
+    ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    vae, disc, opts, scheds = _parts()
+    kwargs = dict(vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds, data_position=0, config={})
+    good = ckpt.save_checkpoint(tmp_path, 1, **kwargs, keep=1)
+
+    class Broken:
+        def state_dict(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, **{**kwargs, "schedulers": {"vae": Broken()}}, keep=1)
+    assert ckpt.checkpoints(tmp_path) == [(1, good)] and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
