@@ -27,9 +27,10 @@ GAN_KINDS = ("hinge", "non_saturating")
 
 
 def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    """mean((x − x_rec)²) for "l2", mean(|x − x_rec|) for "l1", over every element."""
+    """mean((x − x_rec)²) for "l2", mean(|x − x_rec|) for "l1", over every element (in fp32)."""
     if x.shape != x_rec.shape:
         raise ValueError(f"x and x_rec must have the same shape; got {tuple(x.shape)} and {tuple(x_rec.shape)}")
+    x, x_rec = x.float(), x_rec.float()  # fp32 means for a bf16 decoder output
     if kind == "l2":
         return F.mse_loss(x_rec, x)
     if kind == "l1":
@@ -92,8 +93,9 @@ class LPIPS(nn.Module):
         if state is not None:
             expected = {k for k in self.lpips.state_dict() if k.startswith("net.")}
             if missing := sorted(expected - state.keys()):
+                first = "features." + missing[0].split(".", 2)[2]  # net.slice1.0.weight -> features.0.weight
                 raise ValueError(f"LPIPS backbone file {backbone} lacks {len(missing)} of vgg16's feature "
-                                 f"weights (e.g. {missing[0].replace('net.slice', 'slice')}): it must be {VGG_FILE_HELP}")
+                                 f"weights (e.g. {first}): it must be {VGG_FILE_HELP}")
             try:
                 self.lpips.load_state_dict(state, strict=False)
             except RuntimeError as e:
@@ -114,7 +116,7 @@ class LPIPS(nn.Module):
         if min(x.shape[-2:]) < 16:
             raise ValueError(f"LPIPS needs frames of at least 16×16 pixels; got {x.shape[-2]}×{x.shape[-1]}")
         frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)
-        return self.lpips(frames(x), frames(y)).mean()
+        return self.lpips(frames(x), frames(y)).float().mean()  # fp32 mean under bf16 autocast
 
 
 class FrameGroupNorm(nn.GroupNorm):
@@ -139,7 +141,7 @@ class Discriminator3D(nn.Module):
     GroupNorm per frame ("group") or none ("none"): no BatchNorm (it mixes samples, which DDP and the
     gradient penalty do not expect). Weights N(0, 0.02) as LDM's init.
 
-    (B, in_channels, F, H, W) -> logits (B, 1, F, H / 2^layers − 2, W / 2^layers − 2)."""
+    (B, in_channels, F, H, W) -> logits (B, 1, F, ⌊H / 2^layers⌋ − 2, ⌊W / 2^layers⌋ − 2)."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, norm: str = "group"):
         super().__init__()
@@ -188,6 +190,7 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kin
     non_saturating: 0.5·(mean(softplus(−D(x))) + mean(softplus(D(x̂))))
     (the 0.5 as LDM's hinge_d_loss / vanilla_d_loss)."""
     _check_kind(kind)
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()  # fp32 means under autocast
     if kind == "hinge":
         return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
     return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
@@ -196,6 +199,7 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kin
 def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """hinge: −mean(D(x̂)) (LDM); non_saturating: mean(softplus(−D(x̂)))."""
     _check_kind(kind)
+    fake_logits = fake_logits.float()
     if kind == "hinge":
         return -fake_logits.mean()
     return F.softplus(-fake_logits).mean()
