@@ -235,7 +235,7 @@ def _read_captions(index: Path) -> list[tuple[str, str]]:
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy shares it
 
 
 def _read_video(path: Path, frames: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -334,15 +334,12 @@ class Batches:
         self.position = start
         self._loader = None
         if num_workers > 0:
-            self._loader = iter(DataLoader(dataset, batch_sampler=_IndexBatches(self, start), num_workers=num_workers,
+            self._loader = iter(DataLoader(dataset, batch_sampler=_IndexBatches(len(dataset), batch_size, seed, rank, world, start), num_workers=num_workers,
                                            collate_fn=collate))
 
     def indices(self, position: int) -> list[int]:
         """The dataset indices of this rank's batch number `position` (counted from the start)."""
-        epoch, batch = divmod(position, self.per_epoch)
-        order = _rng(self.seed, epoch).permutation(len(self.dataset))
-        share = order[self.rank:self.per_epoch * self.batch_size * self.world:self.world]
-        return [int(i) for i in share[batch * self.batch_size:(batch + 1) * self.batch_size]]
+        return _indices(len(self.dataset), self.batch_size, self.seed, self.rank, self.world, position)
 
     def __iter__(self):
         return self
@@ -374,14 +371,23 @@ class Batches:
         return {"video": torch.stack(videos), "caption": captions, "skipped": skipped}
 
 
-class _IndexBatches:
-    """The index batches of a Batches from `start` on, for a DataLoader's batch_sampler (endless)."""
+def _indices(length: int, batch_size: int, seed: int, rank: int, world: int, position: int) -> list[int]:
+    per_epoch = length // world // batch_size
+    epoch, batch = divmod(position, per_epoch)
+    order = _rng(seed, epoch).permutation(length)
+    share = order[rank:per_epoch * batch_size * world:world]
+    return [int(i) for i in share[batch * batch_size:(batch + 1) * batch_size]]
 
-    def __init__(self, batches: Batches, start: int):
-        self.batches, self.start = batches, start
+
+class _IndexBatches:
+    """Index batches from `start` on, for a DataLoader's batch_sampler (endless). It holds numbers,
+    not the Batches: a reference back would make a cycle whose collection stalls the workers' exit."""
+
+    def __init__(self, *args: int):
+        *self.args, self.start = args
 
     def __iter__(self):
         position = self.start
         while True:
-            yield self.batches.indices(position)
+            yield _indices(*self.args, position)
             position += 1
