@@ -121,10 +121,11 @@ def test_lr_schedule():
 
 
 def test_noise_depends_on_the_sample_not_the_split():
-    whole = sample_noise((4, 2, 3, 2, 2), 7, 5, 0, 0, "cpu", torch.float32)
-    parts = torch.cat([sample_noise((2, 2, 3, 2, 2), 7, 5, 0, r * 2, "cpu", torch.float32) for r in range(2)])
-    assert torch.equal(whole, parts)
-    assert not torch.equal(whole, sample_noise((4, 2, 3, 2, 2), 7, 6, 0, 0, "cpu", torch.float32))
+    whole = sample_noise((4, 2, 3, 2, 2), 7, 5, 0, [0, 1, 2, 3], "cpu", torch.float32)
+    ranks = [sample_noise((2, 2, 3, 2, 2), 7, 5, 0, [r, r + 2], "cpu", torch.float32) for r in range(2)]
+    assert torch.equal(whole, torch.stack([ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]]))
+    assert not torch.equal(whole, sample_noise((4, 2, 3, 2, 2), 7, 6, 0, [0, 1, 2, 3], "cpu", torch.float32))
+    assert not torch.equal(whole, sample_noise((4, 2, 3, 2, 2), 7, 5, 1, [0, 1, 2, 3], "cpu", torch.float32))
 
 
 def test_ema():
@@ -275,3 +276,72 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 2, **{**kwargs, "schedulers": {"vae": Broken()}}, keep=1)
     assert ckpt.checkpoints(tmp_path) == [(1, good)] and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
+    """Two training clips, batch 2: every step sees the same clips (the KL weight tiny, GAN and LPIPS
+    off); the reconstruction loss falls, and the checkpoint at the end is a diffusers VAE folder."""
+    import diffusers
+    from cogvx.train.vae import train_vae
+    config = make_config(data={"length": 3, "validation_clips": 1},
+                         loss={"lpips_weight": 0.0, "gan_weight": 0.0},
+                         optim={"lr": 5e-3, "warmup_steps": 0, "schedule": "constant"},
+                         train={"steps": 6, "checkpoint_every": 6, "validate_every": 3})
+    result = train_vae(config, tmp_path / "run")
+    rows = losses(tmp_path / "run")
+    rec = [float(rows[s]["rec"]) for s in range(1, 7)]
+    assert rec[-1] < 0.7 * rec[0], rec
+    assert result["checkpoint"] == tmp_path / "run" / "checkpoint-6"
+    # validation: the held-out clip (the last) reconstructed by the checkpoint's VAE, as logged
+    from cogvx.train.data import make_dataset
+    from cogvx.train.vae import to_unit
+    clip = make_dataset("synthetic:shapes", frames=9, height=16, width=24, seed=0, length=3)[2]["video"][None]
+    vae = CausalVAE.from_pretrained(result["checkpoint"] / "vae", chunking="whole")
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(clip).mode())
+    assert float(rows[6]["val_psnr"]) == pytest.approx(psnr(to_unit(clip), to_unit(rec)), rel=1e-6)
+    assert float(rows[6]["val_ssim"]) == pytest.approx(ssim(to_unit(clip), to_unit(rec)), rel=1e-6)
+    assert rows[3]["val_psnr"] and not rows[4]["val_psnr"]
+    import av
+    with av.open(str(tmp_path / "run" / "validation" / "step-6.mp4")) as f:  # input | reconstruction
+        frames = [frame.to_ndarray(format="rgb24") for frame in f.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (16, 48, 3)
+    theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(result["checkpoint"] / "vae")
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in vae.parameters())
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, deterministic):
+    """Every loss term on (LPIPS, GAN from step 2 with the adaptive weight, R1, EMA, accumulation):
+    an uninterrupted run of 4 steps, and one killed after logging step 3 (checkpoint-2 written,
+    step 3 logged but not checkpointed) then resumed: the log's steps 3-4 are the same numbers."""
+    from cogvx.train import vae as trainer
+    config = make_config(data={"batch_size": 1}, loss={"gradient_penalty_weight": 1.0},
+                         optim={"grad_accumulation": 2}, train={"steps": 4, "ema_decay": 0.9})
+    trainer.train_vae(config, tmp_path / "whole")
+
+    class KilledLog(CSVLog):
+        def write(self, row):
+            super().write(row)
+            if row["step"] == 3:
+                raise _Killed()
+    monkeypatch.setattr(trainer, "CSVLog", KilledLog)
+    with pytest.raises(_Killed):
+        trainer.train_vae(config, tmp_path / "resumed")
+    assert [s for s, _ in ckpt.checkpoints(tmp_path / "resumed")] == [2]
+    assert list(losses(tmp_path / "resumed")) == [1, 2, 3]
+    monkeypatch.undo()
+    trainer.train_vae(config, tmp_path / "resumed", resume=True)
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert list(resumed) == [1, 2, 3, 4]  # step 3 logged once
+    for step in (3, 4):
+        for key in ("loss", "rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp", "lr", "disc_lr", "grad_norm"):
+            assert resumed[step][key] == whole[step][key], (step, key)
+    assert resumed[4]["gan"] != "" and float(resumed[4]["gp"]) > 0
+    a = CausalVAE.from_pretrained(tmp_path / "whole" / "checkpoint-4" / "vae_ema")
+    b = CausalVAE.from_pretrained(tmp_path / "resumed" / "checkpoint-4" / "vae_ema")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +124,13 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return factor
 
 
-def sample_noise(shape, seed: int, step: int, micro: int, first_index: int, device, dtype) -> torch.Tensor:
-    """Standard normal noise (B, ...) for samples first_index.. of a global batch: each sample's from
-    its own generator seeded by (seed, step, micro-batch, index)."""
+def sample_noise(shape, seed: int, step: int, micro: int, indices: list[int], device, dtype) -> torch.Tensor:
+    """Standard normal noise (B, ...) for the samples at `indices` of the global batch (all ranks'
+    clips in the order one process would hold them): each sample's from its own generator seeded by
+    (seed, step, micro-batch, index)."""
     out = []
-    for i in range(shape[0]):
-        key = int(np.random.SeedSequence([seed, step, micro, first_index + i]).generate_state(1, np.uint64)[0])
+    for i in indices:
+        key = int(np.random.SeedSequence([seed, step, micro, i]).generate_state(1, np.uint64)[0])
         g = torch.Generator().manual_seed(key)
         out.append(torch.randn(shape[1:], generator=g, dtype=torch.float32))
     return torch.stack(out).to(device=device, dtype=dtype)
@@ -154,6 +156,22 @@ def _device(kind: str) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def _adaptive_weight(nll, gan, last_layer: torch.Tensor, max_weight: float, world: int, context_parallel: bool):
+    """LDM's adaptive GAN weight (losses.adaptive_weight) over ranks: the last layer's gradients of
+    the whole batch (DDP: the mean of the ranks' gradients, each rank's loss a mean over its equal
+    share) or of the whole clip (context parallel: their sum, each rank's loss its share), so every
+    rank uses the weight one process would compute."""
+    from .losses import adaptive_weight
+
+    if world == 1:
+        return adaptive_weight(nll, gan, last_layer, max_weight)
+    grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0].float() for loss in (nll, gan)])
+    dist.all_reduce(grads)
+    if not context_parallel:
+        grads /= world
+    return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -204,9 +222,9 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
     """Train as `config` (a VAETrainConfig) says, writing checkpoints, log.csv and validation videos
     to out_dir (default: config.train.out). resume=True continues from the latest checkpoint there.
     Returns {"step", "checkpoint", "last": the last logged row, "validation": the last scores}."""
-    from .data import Batches, make_dataset
-    from .losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
-                         gradient_penalty, kl_loss, reconstruction_loss)
+    from .data import Batches, make_dataset, split_validation
+    from .losses import (LPIPS, Discriminator3D, discriminator_loss, generator_loss, gradient_penalty, kl_loss,
+                         reconstruction_loss)
 
     c_model, c_data, c_loss, c_disc, c_optim, c_train = (config.model, config.data, config.loss, config.discriminator,
                                                          config.optim, config.train)
@@ -271,12 +289,11 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_optim, schedule)
         optimizers, schedulers = {"vae": optim, "discriminator": disc_optim}, {"vae": sched, "discriminator": disc_sched}
 
-        # ---- data: the first validation_clips clips held out
+        # ---- data: the last validation_clips clips held out
         dataset = make_dataset(c_data.source, frames=c_data.frames, height=c_data.height, width=c_data.width,
                                seed=c_data.seed, length=c_data.length if c_data.synthetic else None)
-        held = min(c_data.validation_clips, max(len(dataset) - 1, 0))
-        validation = [item["video"] for i in range(held) if (item := dataset[i]) is not None]
-        train_set = torch.utils.data.Subset(dataset, range(held, len(dataset)))
+        train_set, held_out = split_validation(dataset, c_data.validation_clips)
+        validation = [item["video"] for i in range(len(held_out)) if (item := held_out[i]) is not None]
         data_rank, data_world = (0, 1) if context_parallel else (rank, world)  # CP: every rank the same clips
 
         # ---- resume
@@ -302,17 +319,23 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         params = list(vae.parameters())
 
         def encode_decode(video, noise):
+            """(clip, reconstruction, posterior, share): the whole batch's, or under context parallelism
+            this rank's frames of them and its share of the clip's frames (its losses are scaled by it
+            and the ranks' gradients summed: the one-process gradient)."""
             if cp_group is None:
-                return autoencode(video, noise)
-            from ..parallel.vae import autoencode as cp_autoencode
-            return cp_autoencode(vae, video, noise, group=cp_group)
+                return (video, *autoencode(video, noise), 1.0)
+            from ..parallel import vae as cp
+            local = cp.local_frames(video, cp_group, ratio=int(vae.config.temporal_compression_ratio))
+            posterior = cp.encode_local(vae, local, cp_group)
+            latents = posterior.mean + posterior.std * cp.local_latent_frames(noise, cp_group)
+            return local, cp.decode_local(vae, latents, cp_group), posterior, cp.frame_share(local, cp_group)
 
         # ---- the loop
         while step < c_train.steps:
             started = time.perf_counter()
             gan_on = step >= c_loss.gan_start_step and c_loss.gan_weight > 0
             terms = torch.zeros(len(TERMS), dtype=torch.float64)
-            reals, fakes = [], []
+            reals, fakes, shares = [], [], []
 
             # 1. the VAE (generator) step, accumulated over micro-batches
             discriminator.requires_grad_(False)  # the generator loss's gradient stops at the clip
@@ -320,37 +343,39 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                 batch = next(batches)
                 skipped += batch["skipped"]
                 video = batch["video"].to(device, non_blocking=True)
-                first = data_rank * video.shape[0]
+                # rank r holds the clips r, r + world, ... of the epoch's order (Batches): their global indices
+                indices = [data_rank + i * data_world for i in range(video.shape[0])]
                 noise_shape = (video.shape[0], vae.config.latent_channels,
                                1 + (video.shape[2] - 1) // int(vae.config.temporal_compression_ratio),
                                video.shape[3] // vae.config.spatial_factor, video.shape[4] // vae.config.spatial_factor)
-                noise = sample_noise(noise_shape, c_train.seed, step, micro, first, device, torch.float32)
+                noise = sample_noise(noise_shape, c_train.seed, step, micro, indices, device, torch.float32)
                 last_micro = micro == accumulation - 1
                 sync = (autoencode.no_sync() if isinstance(autoencode, nn.parallel.DistributedDataParallel)
                         and not last_micro else contextlib.nullcontext())
                 with sync:
                     with autocast:
-                        rec, posterior = encode_decode(video, noise)
-                        rec_loss = reconstruction_loss(video, rec.float(), c_loss.reconstruction)
-                        kl = kl_loss(posterior)
-                        lp = lpips(video, rec.float()) if lpips is not None else rec.new_zeros(())
+                        video, rec, posterior, share = encode_decode(video, noise)
+                        rec_loss = share * reconstruction_loss(video, rec.float(), c_loss.reconstruction)
+                        kl = kl_loss(posterior)  # a sum over latent elements: each rank's part adds up under CP
+                        lp = share * lpips(video, rec.float()) if lpips is not None else rec.new_zeros(())
                         nll = c_loss.reconstruction_weight * rec_loss + c_loss.lpips_weight * lp
                         loss = nll + c_loss.kl_weight * kl
                         gan = weight = rec.new_zeros(())
                         if gan_on:
-                            gan = generator_loss(discriminator(rec), c_loss.gan_loss)
-                            weight = (adaptive_weight(nll, gan, last_layer, c_loss.adaptive_weight_max)
+                            # (context parallel: the discriminator judges this rank's frames only)
+                            gan = share * generator_loss(discriminator(rec), c_loss.gan_loss)
+                            weight = (_adaptive_weight(nll, gan, last_layer, c_loss.adaptive_weight_max, world,
+                                                       context_parallel)
                                       if c_loss.adaptive_weight else torch.ones((), device=device))
-                            weight = _mean_over_ranks(weight.float().clone(), world)  # one weight for all ranks
                             loss = loss + c_loss.gan_weight * weight * gan
                     (loss / accumulation).backward()
                 if cp_group is not None and last_micro:  # each rank holds its frames' share of the gradient
-                    for p in params:
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
+                    from ..parallel.vae import sum_gradients
+                    sum_gradients(vae, cp_group)
                 terms[:5] += torch.stack([rec_loss, kl, lp, gan, weight]).detach().double().cpu() / accumulation
                 reals.append(video)
                 fakes.append(rec.detach())
+                shares.append(share)
                 del rec, posterior, loss
             grad_norm = nn.utils.clip_grad_norm_(params, c_optim.grad_clip if c_optim.grad_clip > 0 else math.inf)
             optim.step()
@@ -360,23 +385,21 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
             # 2. the discriminator step (from gan_start_step)
             disc_norm = torch.zeros(())
             if gan_on:
-                for micro, (real, fake) in enumerate(zip(reals, fakes)):
+                for micro, (real, fake, share) in enumerate(zip(reals, fakes, shares)):
                     last_micro = micro == accumulation - 1
                     sync = (disc_model.no_sync() if isinstance(disc_model, nn.parallel.DistributedDataParallel)
                             and not last_micro else contextlib.nullcontext())
                     with sync:
                         with autocast:
                             logits = disc_model(torch.cat([real, fake.to(real.dtype)]))  # one forward for DDP
-                            d_loss = discriminator_loss(*logits.float().chunk(2), c_loss.gan_loss)
-                            gp = (gradient_penalty(discriminator, real) if c_loss.gradient_penalty_weight > 0
+                            d_loss = share * discriminator_loss(*logits.float().chunk(2), c_loss.gan_loss)
+                            gp = (share * gradient_penalty(discriminator, real) if c_loss.gradient_penalty_weight > 0
                                   else d_loss.new_zeros(()))
                         ((d_loss + c_loss.gradient_penalty_weight * gp) / accumulation).backward()
                     terms[5:] += torch.stack([d_loss, gp]).detach().double().cpu() / accumulation
                 if cp_group is not None:
-                    for p in discriminator.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad /= world  # every rank judged the same clips
+                    from ..parallel.vae import sum_gradients
+                    sum_gradients(discriminator, cp_group)
                 disc_norm = nn.utils.clip_grad_norm_(discriminator.parameters(),
                                                      c_optim.grad_clip if c_optim.grad_clip > 0 else math.inf)
                 disc_optim.step()
@@ -384,14 +407,22 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
             del reals, fakes
             lrs = (sched.get_last_lr()[0], disc_sched.get_last_lr()[0])
             sched.step()
-            disc_sched.step()
+            with warnings.catch_warnings():  # before gan_start_step its optimiser has not stepped: fine here
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                disc_sched.step()
             if ema is not None:
                 ema.update(vae)
             step += 1
 
             # 3. log, checkpoint, validate
             if step % c_train.log_every == 0 or step == c_train.steps:
-                if not context_parallel:  # CP: every rank computed the same losses already
+                if context_parallel:  # each rank's terms are its share (the GAN weight is everyone's)
+                    weight = terms[4].item()
+                    terms = terms.to(device)
+                    dist.all_reduce(terms)
+                    terms = terms.cpu()
+                    terms[4] = weight
+                else:
                     terms = _mean_over_ranks(terms.to(device), world).cpu()
                 total_skipped = torch.tensor([skipped], device=device)
                 if world > 1 and not context_parallel:
