@@ -70,10 +70,12 @@ def test_context_parallel_equals_one_process(tmp_path, world, latent_frames, sli
 GRAD_TOL = (0.0, 1e-4)  # fp32: max |error| of a gradient within 1e-4 of its largest magnitude
 KL_WEIGHT = 0.05
 TRAIN_CASES = {  # world -> {name: (video frames, batch, gradient checkpointing)}
-    2: {"17-frames": (17, 2, False), "9-frames-rank0-one-frame": (9, 1, False), "17-frames-checkpointing": (17, 1, True)},
+    2: {"17-frames": (17, 2, False), "9-frames-rank0-one-frame": (9, 1, False), "9-frames-checkpointing": (9, 1, True)},
     4: {"25-frames": (25, 1, False)},
 }
 CONV_COUNTS = {2: [3, 4], 4: [3, 1, 1, 2]}  # any split: ranks 1, 2 of 4 hold fewer frames than a conv's history
+BAD_SPLITS = {2: ([(0, 5), (5, 9)], [(0, 2), (2, 3)]),  # (video, latent) frame ranges per rank
+              4: ([(0, 5), (5, 9), (9, 17), (17, 25)], [(0, 2), (2, 3), (3, 5), (5, 7)])}
 
 
 def _train_inputs(world):
@@ -87,6 +89,11 @@ def _train_inputs(world):
     cases["convs"] = dict(kind="convs", x=torch.randn(2, 4, frames, 5, 6, generator=g),
                           weight=torch.randn(2, 4, frames, 5, 6, generator=g), counts=CONV_COUNTS[world],
                           state=convs.state_dict())
+    # rank 0 two latent frames (5 video frames), rank 1 one (4): not local_frames' split
+    video_bounds, latent_bounds = BAD_SPLITS[world]
+    cases["bad_split"] = dict(kind="bad_split", video=torch.zeros(1, 3, video_bounds[-1][1], 16, 24),
+                              video_bounds=video_bounds, latents=torch.zeros(1, 4, latent_bounds[-1][1], 2, 3),
+                              latent_bounds=latent_bounds)
     return cases
 
 
@@ -161,3 +168,17 @@ def test_halo_gradients_with_any_split(trained):
         for param, p in convs.named_parameters():
             assert_close(got["grads"][param], p.grad, GRAD_TOL, f"rank {rank} grad of {param}")
         start += n
+
+
+@pytest.mark.slow
+def test_training_slices_other_than_local_frames_are_refused(trained):
+    """encode_local / decode_local given another split than local_frames' (rank 0 two latent frames,
+    rank 1 one: an odd count after rank 0 breaks the time pairs) stop on every rank with an error
+    naming the split to use."""
+    world, _, _, results = trained
+    video, latents = ([end - start for start, end in bounds] for bounds in BAD_SPLITS[world])
+    for rank in range(world):
+        errors = results[rank]["bad_split"]
+        assert f"the ranks hold {video} frames" in errors["encode"], errors
+        assert f"{latent_counts(sum(latents), world)} latent frames" in errors["encode"], errors
+        assert f"the ranks hold {latents} frames" in errors["decode"] and "local_frames" in errors["decode"], errors

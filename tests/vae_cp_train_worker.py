@@ -6,7 +6,8 @@ OUT_DIR/rank{r}.pt.
 Cases: {"kind": "vae", "video", "seed", "kl_weight", "checkpointing"}: encode -> sample -> decode,
 L2 (mean over the clip) + kl_weight · KL; {"kind": "convs", "x", "weight", "counts", "state"}: two
 causal convs with a SiLU between them on frame slices of the given sizes (any split: ranks with
-fewer frames than a conv's history), loss Σ y · weight."""
+fewer frames than a conv's history), loss Σ y · weight; {"kind": "bad_split", "video", "latents",
+"video_bounds", "latent_bounds"}: encode_local / decode_local given other slices than local_frames makes (the errors)."""
 import sys
 
 import torch
@@ -32,6 +33,17 @@ for name, case in torch.load(in_file).items():
         reconstruction = cp.decode_local(vae, z)
         loss = cp.frame_share(video) * F.mse_loss(reconstruction, video) + case["kl_weight"] * posterior.kl().mean()
         model = vae
+    elif case["kind"] == "bad_split":
+        vae = CausalVAE.from_pretrained(folder)
+        (start, end), (first, last), errors = case["video_bounds"][rank], case["latent_bounds"][rank], {}
+        for what, call in (("encode", lambda: cp.encode_local(vae, case["video"][:, :, start:end])),
+                           ("decode", lambda: cp.decode_local(vae, case["latents"][:, :, first:last]))):
+            try:
+                call()
+            except ValueError as e:
+                errors[what] = str(e)
+        results[name] = errors
+        continue
     else:
         model = torch.nn.ModuleList([CausalConv3d(4, 4, 3), CausalConv3d(4, 4, (2, 3, 3))])
         model.load_state_dict(case["state"])

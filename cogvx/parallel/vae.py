@@ -48,7 +48,11 @@ holds only its own frames, split once by `local_frames`, and runs
   every rank holds the one-process gradient; clip and step after it). Not DDP over the CP group: its
   hooks would all-reduce during backward, interleaved with the halo and statistics traffic on the
   same group, and it averages where a sum is needed. Data parallelism across CP groups comes on top
-  (average over the data-parallel group after this sum).
+  (average over the data-parallel group after this sum). A gradient taken with torch.autograd.grad
+  (e.g. at the decoder's last layer for the adaptive GAN weight) is this rank's share as well:
+  all-reduce it (SUM) before taking its norm.
+- A discriminator or other loss that looks across frames sees only this rank's frames: not the
+  one-process loss at the slice boundaries (the reconstruction, LPIPS and KL terms above are).
 - Noise: `sample_local` draws the whole latent's noise from `generator` and takes this rank's slice,
   so a generator seeded alike on every rank of the group gives the one-process sample.
 - Backward runs the same collectives in the same order on every rank (the graphs are the same), so
@@ -242,7 +246,7 @@ def encode(vae: CausalVAE, video: torch.Tensor, group=None) -> DiagonalGaussian:
         raise ValueError(f"video must have 1 + {ratio}·k frames; got {video.shape[2]}")
     ctx = ContextParallel(group, vae.slice_elements)
     counts = latent_counts(1 + (video.shape[2] - 1) // ratio, ctx.world)
-    start, end = _slices(counts, lambda n: 1 + ratio * (n - 1), lambda n: ratio * n)[ctx.rank]
+    start, end = _video_bounds(video.shape[2], ctx.world, ratio)[ctx.rank]
     moments = encoder(video[:, :, start:end], ctx)
     return DiagonalGaussian(_gather(moments, counts, group))
 
