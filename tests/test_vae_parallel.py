@@ -154,7 +154,8 @@ def test_training_step_equals_one_process(trained):
 def test_halo_gradients_with_any_split(trained):
     """Two causal convs (kt = 3, then kt = 2) over frame slices of any sizes, ranks holding fewer
     frames than a conv's history included (their history passes on received frames, and so does the
-    gradient coming back): input and weight gradients equal one process's."""
+    gradient coming back): input and weight gradients equal one process's. sum_gradients: a parameter
+    with a gradient on rank 0 only gets it on every rank; one without any keeps None."""
     world, inputs, _, results = trained
     case = inputs["convs"]
     convs = torch.nn.ModuleList([CausalConv3d(4, 4, 3), CausalConv3d(4, 4, (2, 3, 3))])
@@ -166,7 +167,8 @@ def test_halo_gradients_with_any_split(trained):
         got = results[rank]["convs"]
         assert_close(got["video_grad"], x.grad[:, :, start:start + n], GRAD_TOL, f"rank {rank} d loss/d x")
         for param, p in convs.named_parameters():
-            assert_close(got["grads"][param], p.grad, GRAD_TOL, f"rank {rank} grad of {param}")
+            assert_close(got["grads"]["convs." + param], p.grad, GRAD_TOL, f"rank {rank} grad of {param}")
+        assert got["grads"]["rank0_only"] == 1.5 and got["grads"]["unused"] is None  # sum_gradients' edge cases
         start += n
 
 

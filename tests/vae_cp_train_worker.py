@@ -6,7 +6,7 @@ OUT_DIR/rank{r}.pt.
 Cases: {"kind": "vae", "video", "seed", "kl_weight", "checkpointing"}: encode -> sample -> decode,
 L2 (mean over the clip) + kl_weight · KL; {"kind": "convs", "x", "weight", "counts", "state"}: two
 causal convs with a SiLU between them on frame slices of the given sizes (any split: ranks with
-fewer frames than a conv's history), loss Σ y · weight; {"kind": "bad_split", "video", "latents",
+fewer frames than a conv's history), loss Σ y · weight (+ 1.5 · a parameter on rank 0 only); {"kind": "bad_split", "video", "latents",
 "video_bounds", "latent_bounds"}: encode_local / decode_local given other slices than local_frames makes (the errors)."""
 import sys
 
@@ -45,14 +45,16 @@ for name, case in torch.load(in_file).items():
         results[name] = errors
         continue
     else:
-        model = torch.nn.ModuleList([CausalConv3d(4, 4, 3), CausalConv3d(4, 4, (2, 3, 3))])
-        model.load_state_dict(case["state"])
+        model = torch.nn.Module()  # two convs, a parameter only rank 0's loss uses, one no loss uses
+        model.convs = torch.nn.ModuleList([CausalConv3d(4, 4, 3), CausalConv3d(4, 4, (2, 3, 3))])
+        model.convs.load_state_dict(case["state"])
+        model.rank0_only, model.unused = (torch.nn.Parameter(torch.ones(())) for _ in range(2))
         start = sum(case["counts"][:rank])
         end = start + case["counts"][rank]
         video = case["x"][:, :, start:end].clone().requires_grad_()
         ctx = cp.ContextParallel()
-        y = ctx.conv(model[1], F.silu(ctx.conv(model[0], video)))
-        loss = (y * case["weight"][:, :, start:end]).sum()
+        y = ctx.conv(model.convs[1], F.silu(ctx.conv(model.convs[0], video)))
+        loss = (y * case["weight"][:, :, start:end]).sum() + (1.5 * model.rank0_only if rank == 0 else 0)
     loss.backward()
     cp.sum_gradients(model)
     results[name] = dict(loss=loss.detach(), video_grad=video.grad,

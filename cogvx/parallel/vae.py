@@ -341,9 +341,9 @@ def frame_share(local: torch.Tensor, group=None) -> float:
 
 def sum_gradients(module: torch.nn.Module, group=None) -> None:
     """Sum every parameter's gradient over the group's ranks (in place; one all-reduce of a flat
-    buffer). Each rank's loss being its share of the clip's, the sum is the one-process gradient. A
-    parameter with a gradient on some ranks only gets zeros for it on the others; one with none on
-    any rank keeps None."""
+    buffer per dtype). Each rank's loss being its share of the clip's, the sum is the one-process
+    gradient. A parameter with a gradient on some ranks only gets zeros for it on the others; one
+    with none on any rank keeps None."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return
@@ -354,16 +354,13 @@ def sum_gradients(module: torch.nn.Module, group=None) -> None:
     for p in with_grad:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if not with_grad:
-        return
-    grads = [p.grad for p in with_grad]
-    flat = torch.cat([g.reshape(-1) for g in grads]) if len({g.dtype for g in grads}) == 1 else None
-    if flat is None:  # mixed dtypes: one all-reduce per gradient
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in with_grad:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():  # one all-reduce per dtype (one in all, for an fp32 model)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
         for g in grads:
-            dist.all_reduce(g, group=group)
-        return
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
