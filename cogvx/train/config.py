@@ -1,10 +1,13 @@
 """Training configs: a TOML file (tomllib) read into frozen dataclasses, one per section.
 
 Every value is checked against its field's annotation with cogvx.loading's typed-config machinery
-(`_conform`: types, `Annotated` bounds), then across fields (frames 1 + 4k for the VAE's temporal
-compression, sizes multiples of its spatial factor, LPIPS needing its backbone...). An unknown
-section or key, a wrong type or an impossible value raises `ConfigError` naming the file and
-`section.key`, before anything is built. All problems of a file are reported at once.
+(`_conform`: types, `Annotated` bounds), then across fields (frames 1 + 8k: the VAE's 4× temporal
+compression with an odd latent count, which alone decodes back to the clip's length; sizes multiples
+of its spatial factor; LPIPS needing its backbone...). An unknown section or key, a wrong type or
+an impossible value raises `ConfigError` naming the file and `section.key`, before anything is
+built. All problems of a file are reported at once.
+
+Deviation from the first plan: data.frames is 1 + 8k, not 1 + 4k (see `VAETrainConfig.problems`).
 
 Paths (`model.pretrained`, `data.source`, `loss.lpips_backbone`) are read relative to the TOML
 file's folder (`~` expanded); `train.out` is the default output folder, relative to where the
@@ -318,10 +321,13 @@ class VAETrainConfig:
         vae = vae or VAEConfig()
         ratio, spatial = int(vae.temporal_compression_ratio), vae.spatial_factor
         data, problems = self.data, []
-        if (data.frames - 1) % ratio:
-            below = 1 + (data.frames - 1) // ratio * ratio
-            problems.append(f"data.frames must be 1 + {ratio}·k (the VAE compresses time {ratio}×, keeping the "
-                            f"first frame): {below} or {below + ratio}, not {data.frames}")
+        period = 2 * ratio
+        if (data.frames - 1) % period:
+            below = 1 + (data.frames - 1) // period * period
+            problems.append(f"data.frames must be 1 + {period}·k: the VAE keeps the first frame and compresses the "
+                            f"rest {ratio}× in time, and decodes n latent frames back to 1 + {ratio}·(n - 1) frames "
+                            f"only for an odd n (an even n gives {ratio}·n, not the clip's length): "
+                            f"{below} or {below + period}, not {data.frames}")
         multiple = math.lcm(8, spatial)
         for key in ("height", "width"):
             size = getattr(data, key)
