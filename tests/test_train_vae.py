@@ -345,3 +345,117 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, deterministic
     a = CausalVAE.from_pretrained(tmp_path / "whole" / "checkpoint-4" / "vae_ema")
     b = CausalVAE.from_pretrained(tmp_path / "resumed" / "checkpoint-4" / "vae_ema")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -- torchrun: DDP and context parallel -------------------------------------------------------------------
+def _torchrun(tmp_path, config_path: Path, out: Path, world: int = 2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "cogvx", "train-vae", "--config", str(config_path), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def _assert_same_step(one: Path, ranks: Path, keys, *, discriminator: bool):
+    """The gradients of one step, read from AdamW's first moment (exp_avg = (1 − β1)·g after one
+    step, g after clipping; the same clip factor on both sides as the grad norms agree), within fp32
+    tolerance of each tensor's scale; the weights after the step; the logged losses."""
+    a = CausalVAE.from_pretrained(one / "checkpoint-1" / "vae").state_dict()
+    b = CausalVAE.from_pretrained(ranks / "checkpoint-1" / "vae").state_dict()
+    torch.manual_seed(0)  # the trainer's seed: its initial weights
+    start = CausalVAE(TINY_VAE).state_dict()  # the step moved them (lr 2e-3): the equality means something
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
+    states = [torch.load(d / "checkpoint-1" / ckpt.STATE, weights_only=True)["optimizers"] for d in (one, ranks)]
+    for name in ("vae", "discriminator") if discriminator else ("vae",):
+        sa, sb = states[0][name]["state"], states[1][name]["state"]
+        assert sa.keys() == sb.keys() and len(sa) >= 10  # every tensor had a gradient
+        for i in sa:
+            ga, gb = sa[i]["exp_avg"], sb[i]["exp_avg"]
+            assert (ga - gb).abs().max() <= 1e-4 * ga.abs().max() + 1e-12, (name, i)
+    # the weights: AdamW's first step is lr·g/(|g| + 1e-8), so where |g| is near that epsilon fp32
+    # rounding of g moves it by up to a step; elsewhere within 5% of a step
+    for k, i in zip(a, sorted(states[0]["vae"]["state"])):
+        sure = states[0]["vae"]["state"][i]["exp_avg"].abs() > 1e-7  # |g| > 1e-6
+        assert torch.where(sure, b[k] - a[k], 0).abs().max() <= 1e-4, k
+    ra, rb = losses(one)[1], losses(ranks)[1]
+    for key in keys:
+        assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-7), key
+
+
+def test_ddp_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    """`torchrun --nproc_per_node=2 -m cogvx train-vae` with batch 1 per rank vs one process with
+    batch 2: after one step (every loss on: LPIPS, GAN from step 0 with the adaptive weight, R1) the
+    VAE and discriminator weights and the logged losses agree within fp32 tolerance."""
+    from cogvx.train.vae import train_vae
+    sections = dict(loss={"gan_start_step": 0, "gradient_penalty_weight": 1.0}, train={"steps": 1, "checkpoint_every": 1})
+    train_vae(make_config(**sections, data={"length": 12, "batch_size": 2}), tmp_path / "one")
+    _torchrun(tmp_path, write_toml(tmp_path / "ddp.toml", config_dict(**sections, data={"length": 12, "batch_size": 1})),
+              tmp_path / "ddp")
+    _assert_same_step(tmp_path / "one", tmp_path / "ddp",
+                      ["loss", "rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp", "grad_norm"], discriminator=True)
+
+
+def test_context_parallel_two_gloo_ranks_equal_one_process(tmp_path):
+    """Stage 2: the same config with train.context_parallel, one process vs two ranks splitting the 9
+    frames (1 + 2 latent frames): one step's VAE weights and losses agree (GAN off: under context
+    parallelism the discriminator judges each rank's frames)."""
+    from cogvx.train.vae import train_vae
+    config = config_dict(data={"length": 6, "batch_size": 2}, loss={"gan_weight": 0.0},
+                         train={"steps": 1, "checkpoint_every": 1, "context_parallel": True})
+    train_vae(make_config(**{k: config[k] for k in ("data", "loss", "train")}), tmp_path / "one")
+    _torchrun(tmp_path, write_toml(tmp_path / "cp.toml", config), tmp_path / "cp")
+    _assert_same_step(tmp_path / "one", tmp_path / "cp", ["loss", "rec", "kl", "lpips", "grad_norm"],
+                      discriminator=False)
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def _cli(*args):
+    from cogvx import cli
+    return cli.main(list(args))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"data": {"frames": 8}}, "data.frames must be 1 + 4·k"),
+    ({"loss": {"lpips_weight": 0.1, "lpips_backbone": "missing-vgg16.pth"}}, "vgg16"),
+    ({"train": {"stepz": 3}}, "unknown key train.stepz"),
+    ({"data": {"frames": 13}}, "data.frames = 13 gives 4 latent frames"),
+])
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys, change, says):
+    path = write_toml(tmp_path / "bad.toml", config_dict(**change))
+    assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvx: error: ") and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_cli_resume_errors_keep_the_checkpoint(tmp_path, capsys):
+    from cogvx.train.vae import train_vae
+    assert _cli("train-vae", "--config", str(tmp_path / "nowhere.toml")) == 2
+    assert "nowhere.toml" in capsys.readouterr().err
+    path = write_toml(tmp_path / "run.toml", config_dict(train={"steps": 1, "checkpoint_every": 1}))
+    assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run"), "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    train_vae(make_config(loss={"lpips_weight": 0.0}, train={"steps": 1, "checkpoint_every": 1}), tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoint-1"
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run")) == 2  # no --resume
+    assert "already has checkpoints (latest checkpoint-1): pass --resume" in capsys.readouterr().err
+    other = write_toml(tmp_path / "other.toml", config_dict(model={"vae": dict(TINY_VAE, latent_channels=8)},
+                                                            train={"steps": 2}))
+    assert _cli("train-vae", "--config", str(other), "--out", str(tmp_path / "run"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latent_channels: checkpoint 4, now 8" in err, err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+
+
+def test_cli_plot_log(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("step,rec,lr,val_psnr\n1,0.5,1e-4,\n2,0.25,1e-4,20.5\n3,0.2,5e-5,\n")
+    assert _cli("plot-log", str(log), "--out", str(tmp_path / "curves.png")) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert _cli("plot-log", str(tmp_path / "none.csv"), "--out", str(tmp_path / "c.png")) == 2
+    assert _cli("plot-log", str(log), "--out", str(tmp_path / "curves.jpg")) == 2
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert _cli("plot-log", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "c.png")) == 2
+    err = capsys.readouterr().err
+    assert err.count("cogvx: error:") == 3 and "no 'step' column" in err
