@@ -415,10 +415,11 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("change, says", [
-    ({"data": {"frames": 8}}, "data.frames must be 1 + 4·k"),
+    ({"data": {"frames": 8}}, "data.frames must be 1 + 8·k"),
+    ({"data": {"frames": 13}}, "data.frames must be 1 + 8·k"),  # 4 latent frames decode to 16
     ({"loss": {"lpips_weight": 0.1, "lpips_backbone": "missing-vgg16.pth"}}, "vgg16"),
     ({"train": {"stepz": 3}}, "unknown key train.stepz"),
-    ({"data": {"frames": 13}}, "data.frames = 13 gives 4 latent frames"),
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
 ])
 def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys, change, says):
     path = write_toml(tmp_path / "bad.toml", config_dict(**change))
@@ -459,3 +460,36 @@ def test_cli_plot_log(tmp_path, capsys):
     assert _cli("plot-log", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "c.png")) == 2
     err = capsys.readouterr().err
     assert err.count("cogvx: error:") == 3 and "no 'step' column" in err
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
+    """A captioned folder of images (1-frame clips) with a corrupt and a missing file among the
+    training clips: training goes on, the log counts them; a folder with no readable file stops
+    before training with one line."""
+    import json
+    from PIL import Image
+    from cogvx.train.vae import train_vae
+    folder = tmp_path / "data"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(4):
+        pixels = (torch.rand(20, 30, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append({"path": f"{i}.png", "caption": f"image {i}"})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines[1:1] = [{"path": "corrupt.png", "caption": "broken"}, {"path": "missing.png", "caption": "gone"}]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    # 6 lines: the last held out, 5 to train on (2 unreadable); 2 steps of 2 clips draw 4 of the 5
+    config = make_config(data={"source": str(folder), "frames": 1, "validation_clips": 1},
+                         loss={"lpips_weight": 0.0, "gan_weight": 0.0}, train={"steps": 2, "checkpoint_every": 2})
+    with pytest.warns(UserWarning, match="skipping"):
+        train_vae(config, tmp_path / "run")
+    assert sum(int(r["skipped"]) for r in losses(tmp_path / "run").values()) >= 1
+    for name in ("0.png", "1.png", "2.png", "3.png"):
+        (folder / name).write_bytes(b"broken")
+    path = write_toml(tmp_path / "none.toml", config_dict(data={"source": str(folder), "frames": 1}))
+    capsys.readouterr()  # the run's progress bar
+    assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.source" in err and "can be read" in err, err

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading import ConfigError
 from ..models.vae import CausalVAE
 from . import checkpoint as ckpt
 from .log import CSVLog, peak_memory, progress
@@ -255,7 +256,6 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         vae.set_chunking("whole").train()  # one chunk per clip: GroupNorm over the clip, as SAT trains
         latent_frames = 1 + (c_data.frames - 1) // int(vae.config.temporal_compression_ratio)
         if vae.decoded_frames(latent_frames) != c_data.frames:  # an even latent count decodes to 4 frames each
-            from ..loading import ConfigError
             raise ConfigError("VAE training", [
                 f"data.frames = {c_data.frames} gives {latent_frames} latent frames, which decode to "
                 f"{vae.decoded_frames(latent_frames)} frames: reconstructions must have the clip's length, so "
@@ -290,9 +290,12 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         optimizers, schedulers = {"vae": optim, "discriminator": disc_optim}, {"vae": sched, "discriminator": disc_sched}
 
         # ---- data: the last validation_clips clips held out
-        dataset = make_dataset(c_data.source, frames=c_data.frames, height=c_data.height, width=c_data.width,
-                               seed=c_data.seed, length=c_data.length if c_data.synthetic else None)
-        train_set, held_out = split_validation(dataset, c_data.validation_clips)
+        try:  # a folder with no readable file, too few clips to hold some out: before any step
+            dataset = make_dataset(c_data.source, frames=c_data.frames, height=c_data.height, width=c_data.width,
+                                   seed=c_data.seed, length=c_data.length if c_data.synthetic else None)
+            train_set, held_out = split_validation(dataset, c_data.validation_clips)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("VAE training", [f"data.source: {exc}"], config.source) from None
         validation = [item["video"] for i in range(len(held_out)) if (item := held_out[i]) is not None]
         data_rank, data_world = (0, 1) if context_parallel else (rank, world)  # CP: every rank the same clips
 
