@@ -67,6 +67,7 @@ BENCHMARKS = {
     "joint_attention": "benchmarks.joint_attention",
     "transformer": "benchmarks.transformer",
     "vae": "benchmarks.vae",
+    "vae_train": "benchmarks.vae_train",
     "pipeline": "benchmarks.pipeline",
 }
 

@@ -41,6 +41,8 @@ step benchmarks "$PY" benchmarks/run.py --device cuda --backward --op causal_con
 step transformer_bench "$PY" benchmarks/run.py --device cuda --quick --op transformer --json "$OUT/transformer.json"
 # the VAE at 49x480x720 (decode, encode), bf16: time and CUDA peak memory vs diffusers
 step vae_bench "$PY" benchmarks/run.py --device cuda --op vae --json "$OUT/vae.json"
+# one VAE training step (all losses, both optimisers) at 17x256x256, bf16 autocast, without/with checkpointing
+step vae_train_bench "$PY" benchmarks/run.py --device cuda --op vae_train --json "$OUT/vae_train.json"
 # end to end: 2B at 49x480x720, 4 DPM steps with CFG, then decode (one warm-up, two timed calls)
 step pipeline_bench "$PY" benchmarks/run.py --device cuda --quick --op pipeline --json "$OUT/pipeline.json"
 
@@ -50,7 +52,7 @@ step pipeline_bench "$PY" benchmarks/run.py --device cuda --quick --op pipeline 
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
   echo "  \"steps\": {"
   first=1
-  for name in build info cuda_tests triton_aot benchmarks transformer_bench vae_bench pipeline_bench; do
+  for name in build info cuda_tests triton_aot benchmarks transformer_bench vae_bench vae_train_bench pipeline_bench; do
     [ $first = 1 ] || echo ","
     first=0
     printf '    "%s": {"rc": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"
