@@ -271,6 +271,15 @@ def test_skipped_items_are_replaced_and_counted():
     assert all(same(next(resumed), b) for b in run[2:])  # replacements are deterministic too
 
 
+def test_a_batch_larger_than_the_readable_clips_is_filled():
+    ds = Flaky(frames=1, height=8, width=8, length=3)  # clip 0 unreadable: two readable for batches of 3
+    batch = next(Batches(ds, batch_size=3))
+    assert batch["video"].shape[0] == 3 and set(batch["caption"]) == {ds[1]["caption"], ds[2]["caption"]}
+    assert batch["skipped"] >= 1
+    with pytest.raises(RuntimeError, match="no clip"):
+        next(Batches(Flaky(frames=1, height=8, width=8, length=1), batch_size=1))
+
+
 def test_collate_of_nothing_readable():
     assert collate([None, None]) == {"video": None, "caption": [], "skipped": 2}
 

@@ -161,11 +161,12 @@ class CaptionedFolder(Dataset):
             raise FileNotFoundError(f"{str(self.root)!r} has no captions.jsonl (one {{\"path\": ..., \"caption\": ...}} "
                                     f"line per video or image)")
         entries = _read_captions(index)
-        images = [e for e in entries if Path(e[0]).suffix.lower() in IMAGE_SUFFIXES]
-        if frames > 1 and images:
-            warnings.warn(f"{str(index)!r}: {len(images)} image(s) left out: an image is a 1-frame clip and this "
-                          f"dataset takes {frames} frames", stacklevel=2)
-            entries = [e for e in entries if e not in images]
+        if frames > 1:
+            videos = [e for e in entries if Path(e[0]).suffix.lower() not in IMAGE_SUFFIXES]
+            if len(videos) < len(entries):
+                warnings.warn(f"{str(index)!r}: {len(entries) - len(videos)} image(s) left out: an image is a 1-frame "
+                              f"clip and this dataset takes {frames} frames", stacklevel=2)
+            entries = videos
         if not entries:
             raise ValueError(f"{str(index)!r} lists no {'video' if frames > 1 else 'video or image'}")
         self.entries = entries  # (path as written, caption)
@@ -355,19 +356,25 @@ class Batches:
         return batch
 
     def _refill(self, batch: dict) -> dict:
+        """The batch completed with readable clips, taken in a permutation drawn from (seed, position,
+        rank), again from its start if needed (a dataset with fewer readable clips than a batch)."""
         videos = [] if batch["video"] is None else list(batch["video"])
         captions, skipped = list(batch["caption"]), batch["skipped"]
-        for i in _rng(self.seed, self.position, self.rank).permutation(len(self.dataset)):
-            if len(videos) == self.batch_size:
-                break
-            item = self.dataset[int(i)]
-            if item is None:
-                skipped += 1
-                continue
-            videos.append(item["video"])
-            captions.append(item["caption"])
-        if not videos:
-            raise RuntimeError("no clip of the dataset can be read any more")
+        order = _rng(self.seed, self.position, self.rank).permutation(len(self.dataset))
+        while len(videos) < self.batch_size:
+            found = False
+            for i in order:
+                item = self.dataset[int(i)]
+                if item is None:
+                    skipped += 1
+                    continue
+                found = True
+                videos.append(item["video"])
+                captions.append(item["caption"])
+                if len(videos) == self.batch_size:
+                    break
+            if not found:
+                raise RuntimeError("no clip of the dataset can be read any more")
         return {"video": torch.stack(videos), "caption": captions, "skipped": skipped}
 
 
