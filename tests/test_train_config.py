@@ -35,7 +35,7 @@ def test_shipped_configs_load(name):
 
 
 def test_shipped_configs_say_what_they_promise():
-    stage1, stage2, tiny = (load_vae_config(CONFIGS / n) for n in ("vae-stage1.toml", "vae-stage2.toml", "vae-tiny.toml"))
+    stage1, stage2, tiny = (load_vae_config(CONFIGS / f"vae-{n}.toml") for n in ("stage1", "stage2", "tiny"))
     assert stage1.data.frames == 17 and (stage1.data.height, stage1.data.width) == (256, 256)
     assert stage1.model.pretrained is None and stage1.model.vae == VAEConfig()  # from scratch: CogVideoX's VAE
     assert stage1.loss.lpips_backbone.name == VGG16_FILE and not stage1.train.context_parallel
@@ -45,7 +45,8 @@ def test_shipped_configs_say_what_they_promise():
     assert tiny.data.source == "synthetic:shapes" and tiny.loss.lpips_backbone == "random"
     from cogvx.tiny import VAE as EMBEDDED  # the tiny VAE can replace the embedded pipeline's random one
     embedded = VAEConfig.from_dict(EMBEDDED)
-    assert all(getattr(tiny.model.vae, k) == getattr(embedded, k) for k in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups"))
+    assert all(getattr(tiny.model.vae, k) == getattr(embedded, k)
+               for k in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups"))
     assert tiny.data.frames == 9 and tiny.data.height in (32, 64) and tiny.train.steps <= 500
     assert 0 < tiny.loss.gan_start_step < tiny.train.steps and tiny.loss.gan_weight > 0
 
@@ -72,7 +73,8 @@ def test_defaults_and_types():
     assert config.data.batch_size == 1 and config.data.validation_clips == 2 and config.data.length == 1024
     assert config.loss.reconstruction == "l2" and config.loss.kl_weight == 1e-6 and config.loss.gan_loss == "hinge"
     assert config.optim.betas == (0.9, 0.999) and config.optim.schedule == "constant"
-    assert config.train.mixed_precision == "no" and config.train.ema_decay is None and config.train.out == Path("runs/vae")
+    assert config.train.mixed_precision == "no" and config.train.ema_decay is None
+    assert config.train.out == Path("runs/vae")
     assert config.discriminator.channels == 64 and config.discriminator.layers == 3
     # a config records itself as JSON (checkpoints) and reads back the same
     assert VAETrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -141,7 +143,7 @@ steps = 1.5
     with pytest.raises(ConfigError) as err:
         load_vae_config(path)
     message = str(err.value)
-    assert str(path) in message and "data.shuffle" in message and "loss.kl_weight" in message and "train.steps" in message
+    assert all(part in message for part in (str(path), "data.shuffle", "loss.kl_weight", "train.steps"))
 
 
 def test_toml_syntax_and_missing_file(tmp_path):

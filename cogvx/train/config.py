@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from ..loading import (NON_NEGATIVE, POSITIVE, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
+from ..loading import (NON_NEGATIVE, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
                        _conform, _expected, _NO, component_folder, read_config)
 from ..models.vae import DIFFUSERS_CLASS, VAEConfig
 

@@ -108,7 +108,7 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         d = self.describe(index)
-        t = torch.linspace(0, 1, self.frames, dtype=torch.float64) if self.frames > 1 else torch.zeros(1, dtype=torch.float64)
+        t = torch.linspace(0, 1, self.frames, dtype=torch.float64)  # 0 → 1 over the clip; [0] for an image
         cy = d["first"][0] + (d["last"][0] - d["first"][0]) * t  # (F,)
         cx = d["first"][1] + (d["last"][1] - d["first"][1]) * t
         ys = torch.arange(self.height, dtype=torch.float64) + 0.5  # pixel centres
@@ -158,8 +158,8 @@ class CaptionedFolder(Dataset):
         self.root, self.frames, self.height, self.width, self.seed = Path(root), frames, height, width, seed
         index = self.root / "captions.jsonl"
         if not index.is_file():
-            raise FileNotFoundError(f"{str(self.root)!r} has no captions.jsonl (one {{\"path\": ..., \"caption\": ...}} "
-                                    f"line per video or image)")
+            raise FileNotFoundError(f"{str(self.root)!r} has no captions.jsonl (one {{\"path\": ..., "
+                                    f"\"caption\": ...}} line per video or image)")
         entries = _read_captions(index)
         if frames > 1:
             videos = [e for e in entries if Path(e[0]).suffix.lower() not in IMAGE_SUFFIXES]
@@ -306,7 +306,8 @@ def split_validation(dataset: Dataset, n: int) -> tuple[Dataset, Dataset]:
     last n lines of captions.jsonl), the others to train on."""
     total = len(dataset)
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < total:
-        raise ValueError(f"validation clips must be an integer in [0, {total}) for a dataset of {total} clips; got {n!r}")
+        raise ValueError(f"validation clips must be an integer in [0, {total}) for a dataset of {total} clips; "
+                         f"got {n!r}")
     return Subset(dataset, range(total - n)), Subset(dataset, range(total - n, total))
 
 
@@ -335,8 +336,8 @@ class Batches:
         self.position = start
         self._loader = None
         if num_workers > 0:
-            self._loader = iter(DataLoader(dataset, batch_sampler=_IndexBatches(len(dataset), batch_size, seed, rank, world, start), num_workers=num_workers,
-                                           collate_fn=collate))
+            sampler = _IndexBatches(len(dataset), batch_size, seed, rank, world, start)
+            self._loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate))
 
     def indices(self, position: int) -> list[int]:
         """The dataset indices of this rank's batch number `position` (counted from the start)."""
