@@ -43,7 +43,7 @@ def _fill(mask2d: torch.Tensor) -> float:
 
 
 def test_synthetic_captions_say_what_is_drawn():
-    ds = SyntheticShapes(frames=9, height=48, width=48, seed=0, length=24)
+    ds = SyntheticShapes(frames=9, height=48, width=48, seed=0, length=16)
     seen, backgrounds = set(), set()
     for i in range(len(ds)):
         item = ds[i]
