@@ -1,9 +1,7 @@
 """The VAE trainer (cogvx/train/vae.py), its checkpoints and logs, and `cogvx train-vae` / `plot-log`.
 Tiny models (VAE channels 8-16, 9 frames of 16×24), a few steps each, CPU."""
-import csv
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -387,12 +385,14 @@ def test_ddp_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     batch 2: after one step (every loss on: LPIPS, GAN from step 0 with the adaptive weight, R1) the
     VAE and discriminator weights and the logged losses agree within fp32 tolerance."""
     from cogvx.train.vae import train_vae
-    sections = dict(loss={"gan_start_step": 0, "gradient_penalty_weight": 1.0}, train={"steps": 1, "checkpoint_every": 1})
+    sections = dict(loss={"gan_start_step": 0, "gradient_penalty_weight": 1.0},
+                    train={"steps": 1, "checkpoint_every": 1})
     train_vae(make_config(**sections, data={"length": 12, "batch_size": 2}), tmp_path / "one")
-    _torchrun(tmp_path, write_toml(tmp_path / "ddp.toml", config_dict(**sections, data={"length": 12, "batch_size": 1})),
-              tmp_path / "ddp")
+    ddp = config_dict(**sections, data={"length": 12, "batch_size": 1})
+    _torchrun(tmp_path, write_toml(tmp_path / "ddp.toml", ddp), tmp_path / "ddp")
     _assert_same_step(tmp_path / "one", tmp_path / "ddp",
-                      ["loss", "rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp", "grad_norm"], discriminator=True)
+                      ["loss", "rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp", "grad_norm"],
+                      discriminator=True)
 
 
 def test_context_parallel_two_gloo_ranks_equal_one_process(tmp_path):

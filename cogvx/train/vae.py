@@ -18,7 +18,12 @@ held-out validation clips. Each step:
 
 Scale: under torchrun, stage 1 is data parallel (DDP: each rank its share of the batch; gradients
 averaged), stage 2 (`train.context_parallel`) context parallel along time: every rank holds the same
-clips and encodes/decodes its frame slice (cogvx.parallel.vae), parameter gradients summed over ranks.
+clips and encodes/decodes its frame slice (cogvx.parallel.vae), each rank's losses scaled by its share
+of the frames, parameter gradients summed over ranks: the one-process step for the reconstruction,
+KL and LPIPS terms (tested); the discriminator judges each rank's frames on their own (its temporal
+receptive field stops at the slice boundary), so with the GAN term on, stage 2 differs from one
+process there. The adaptive GAN weight uses the ranks' combined last-layer gradients in both modes.
+Validation runs on rank 0 under DDP, on every rank (context-parallel encode/decode) under CP.
 
 Determinism: the posterior's noise is drawn per sample from a generator seeded by (seed, step,
 micro-batch, global sample index), so it depends neither on how the batch is split over ranks nor on
@@ -268,7 +273,9 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         if c_loss.lpips_weight > 0:
             lpips = LPIPS(c_loss.lpips_backbone).to(device)
             if main:
-                print(f"LPIPS backbone: {'random (tests only: its distances mean little)' if lpips.backbone_name == 'random' else lpips.backbone_name}")
+                random_backbone = lpips.backbone_name == "random"
+                print("LPIPS backbone: " + ("random (tests only: its distances mean little)" if random_backbone
+                                            else lpips.backbone_name))
         ema = EMA(vae, c_train.ema_decay) if c_train.ema_decay is not None else None
         last_layer = vae.decoder.conv_out.conv.weight
 
@@ -287,7 +294,8 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         schedule = lr_lambda(c_optim.warmup_steps, c_train.steps, c_optim.schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
         disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_optim, schedule)
-        optimizers, schedulers = {"vae": optim, "discriminator": disc_optim}, {"vae": sched, "discriminator": disc_sched}
+        optimizers = {"vae": optim, "discriminator": disc_optim}
+        schedulers = {"vae": sched, "discriminator": disc_sched}
 
         # ---- data: the last validation_clips clips held out
         try:  # a folder with no readable file, too few clips to hold some out: before any step
@@ -442,7 +450,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                        "skipped": int(total_skipped.item())}
                 skipped = 0  # the column counts the files skipped since the previous row
             validate_now = (c_train.validate_every and step % c_train.validate_every == 0) or step == c_train.steps
-            if validate_now and validation:
+            if validate_now and validation and (main or context_parallel):  # CP: every rank holds frames
                 target = out_dir / "validation" / f"step-{step}.mp4" if main else None
                 scores = validate(ema.model if ema else vae, validation, device, autocast, target, cp_group)
                 if main:
