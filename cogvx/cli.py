@@ -451,6 +451,14 @@ def train_vae(args) -> int:
         result = train(config, args.out, resume=args.resume)
     except (ConfigError, CheckpointError) as exc:
         raise UsageError(_first_line(exc)) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the checkpoints written so far stay
+        from .train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(args.out if args.out is not None else config.train.out)
+        print(f"cogvx: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+              + (f"the latest checkpoint is {latest}: continue with --resume" if latest else "no checkpoint yet"),
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     if result["checkpoint"] is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result['step']}; last checkpoint {result['checkpoint']}")
     return 0

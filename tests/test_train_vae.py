@@ -493,3 +493,36 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
     assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run2")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data.source" in err and "can be read" in err, err
+
+
+def test_sigterm_keeps_the_checkpoints_and_resume_continues(tmp_path, capsys):
+    """A real kill: `python -m cogvx train-vae` sent SIGTERM once checkpoint-2 exists exits 143 with
+    one line naming the latest checkpoint, leaving no temporary behind; --resume continues from it
+    and the log has every step once."""
+    import signal
+    import time
+    config = config_dict(data={"batch_size": 1}, loss={"lpips_weight": 0.0, "gan_weight": 0.0},
+                         train={"steps": 1000, "checkpoint_every": 1, "validate_every": 0})
+    path = write_toml(tmp_path / "run.toml", config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cogvx", "train-vae", "--config", str(path), "--out",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "checkpoint-2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and last == f"cogvx: terminated; the latest checkpoint is {latest}: continue with --resume"
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary left
+    done = int(latest.name.split("-")[1])
+    config["train"]["steps"] = done + 1
+    write_toml(path, config)
+    assert _cli("train-vae", "--config", str(path), "--out", str(tmp_path / "run"), "--resume") == 0
+    assert list(losses(tmp_path / "run")) == list(range(1, done + 2))
+    assert "resumed from" in capsys.readouterr().out

@@ -240,6 +240,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
     # ---- set-up: processes, device, seed
     device = _device(c_train.device)
     rank, world, owns_group = _distributed(device.type)
+    log = bar = None
     try:
         config.check_world(world)
         context_parallel = c_train.context_parallel and world > 1
@@ -468,10 +469,11 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                                              optimizers=optimizers, schedulers=schedulers,
                                              data_position=batches.position, config=config,
                                              ema=ema.model if ema else None, keep=KEEP_CHECKPOINTS)
-        bar.close()
+        return {"step": step, "checkpoint": saved, "last": row, "validation": scores}
+    finally:  # also when stopped (Ctrl-C, SIGTERM): the bar ends before the caller's last line
+        if bar is not None:
+            bar.close()
         if log is not None:
             log.close()
-        return {"step": step, "checkpoint": saved, "last": row, "validation": scores}
-    finally:
         if owns_group:
             dist.destroy_process_group()
