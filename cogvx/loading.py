@@ -4,15 +4,13 @@ listed by an index), read and written with `safetensors` directly (no diffusers 
 Loading builds nothing twice: the model is constructed on the meta device, each tensor is read from
 its file straight onto the target device, converted to the target dtype on its own, and assigned to
 the module (`load_state_dict(assign=True)`), so the weights exist once, plus at most one tensor in
-conversion. On the CPU a tensor kept in its stored dtype stays the file's mapped pages (shared with
-the page cache, reclaimable); they are paged in during loading.
+conversion.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import mmap
 from pathlib import Path
 
 import torch
@@ -25,7 +23,6 @@ from ._atomic import atomic_write
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_VERSION = "0.42.0"  # the diffusers version whose format and numerics we follow
-_PAGE = mmap.PAGESIZE
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -108,11 +105,12 @@ def _listing(keys, limit: int = 20) -> str:
 
 
 def _page_in(tensor: torch.Tensor) -> None:
-    """Read one byte per page of a tensor that is still the file's mapped pages, so that they are
-    resident when loading returns: the model's memory is paid at load, not by whatever call first
-    touches each weight (which then looked as if it allocated the whole model)."""
+    """Read one byte per 4 KiB (the smallest page size) of a CPU tensor kept in its stored dtype,
+    which is still the file's mapped pages (shared with the page cache, reclaimable), so that they
+    are resident when loading returns: the model's memory is paid at load, not by whatever call
+    first touches each weight (which then looked as if it allocated the whole model)."""
     if tensor.numel():
-        tensor.reshape(-1).view(torch.uint8)[::_PAGE].max()
+        tensor.reshape(-1).view(torch.uint8)[::4096].max()
 
 
 def load_weights(model: nn.Module, folder: Path, *, dtype: torch.dtype | None = None, device=None,
