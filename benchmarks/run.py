@@ -179,6 +179,7 @@ def header(args, device: torch.device, dtype: torch.dtype, shape_sets: dict) -> 
         dtype=DTYPE_NAMES[dtype],
         quick=args.quick,
         tiny=args.tiny,
+        shape_index=args.shape,
         backward=args.backward,
         machine=dict(platform=platform.platform(), arch=platform.machine(), cpu_model=cpu_model(),
                      cpu_capability=torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen/oneDNN use
@@ -495,6 +496,8 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
     mod = load_module(op)
     backends, skipped = plan_backends(op, device, dtype, args.backend)
     shapes = mod.shapes(device, args.quick, tiny=args.tiny)
+    if args.shape:
+        shapes = [shapes[i] for i in args.shape]
     modes = list(MODES if args.backward and not getattr(mod, "INFERENCE_ONLY", False) else MODES[:1])
     print(f"\n== {op}: {shape_set(mod, device, args.quick, args.tiny)}")
     print(f"   timing: {', '.join(backends)}")
@@ -669,6 +672,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="1-2 shapes per op and fewer repeats")
     p.add_argument("--tiny", action="store_true", default=os.environ.get("COGVX_BENCH_TINY") == "1",
                    help="tiny shapes, for the harness's own tests (also COGVX_BENCH_TINY=1)")
+    p.add_argument("--shape", action="append", type=int, metavar="I",
+                   help="only the I-th shape of each op's set (repeatable; 0-based, as listed in a full run)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark=True (lets the reference's conv3d autotune)")
