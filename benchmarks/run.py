@@ -18,6 +18,12 @@ GPU, their fraction of the device's peak, plus the peak memory of one call:
     mark (VmHWM, reset through /proc/self/clear_refs just before the call) minus the RSS read from
     /proc/self/statm just before the call ("peak MiB"; it includes one-time initialisation such as
     thread pools and the autograd engine), and the same for a second, warm call ("warm MiB").
+    Those children fix glibc's mmap threshold (MALLOC_ENV), so that a warm call cannot reuse heap
+    the first one left resident. A model benchmark (a module with `load(backend, inputs)`) also gets
+    one more child per contender in the caller's own environment, as a user's process runs: it
+    loads the model, then makes exactly one call ("1st MiB": the call's peak minus the RSS before
+    it; "load+1st": the peak of both over the RSS before loading; the detail says how much of it
+    is file-mapped weight pages and what malloc keeps).
     ru_maxrss before/after is recorded too, but it is not
     used when the reset works: a child started by a large parent inherits the parent's high-water
     mark in ru_maxrss (Linux carries signal->maxrss across exec), so it usually hides the call.
@@ -174,6 +180,7 @@ def header(args, device: torch.device, dtype: torch.dtype, shape_sets: dict) -> 
         dtype=DTYPE_NAMES[dtype],
         quick=args.quick,
         tiny=args.tiny,
+        shape_index=args.shape,
         backward=args.backward,
         machine=dict(platform=platform.platform(), arch=platform.machine(), cpu_model=cpu_model(),
                      cpu_capability=torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen/oneDNN use
@@ -202,7 +209,12 @@ def header(args, device: torch.device, dtype: torch.dtype, shape_sets: dict) -> 
                        "(peak_mem_mib; includes one-time initialisation), then the same for a second "
                        "call (peak_mem_warm_mib); forward measured first, forward+backward after it in "
                        "the same child; ru_maxrss before/after kept in peak_mem_detail; child env "
-                       + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())),
+                       + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+                       + "; models (modules with load()): also a fresh child in the caller's environment "
+                       "(default malloc, as a user's process) that loads the model and makes exactly one "
+                       "call: first_call_mib = VmHWM (reset after the load) - RSS before the call, "
+                       "load_call_mib = peak of load + call - RSS before the load, first_call_detail: "
+                       "anonymous vs file-mapped (weights) pages, malloc's kept free bytes"),
         flops="causal_conv3d: 2*B*C_out*T*H'*W'*C_in*kt*kh*kw forward; backward 2x forward",
         bytes="minimal: inputs read once + outputs written once",
     )
@@ -340,6 +352,77 @@ def memory_child(spec: dict) -> dict:
     return out
 
 
+def _status_bytes() -> dict:
+    """VmRSS and its parts (RssAnon: heap and other private memory; RssFile: mapped files, e.g.
+    weights still mmapped from their safetensors file) from /proc/self/status, in bytes."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _malloc_free_bytes() -> int | None:
+    """Free bytes glibc malloc keeps in its arenas (mallinfo2().fordblks), None off glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    return fn().fordblks
+
+
+def first_call_child(spec: dict) -> dict:
+    """In a fresh process with the caller's malloc settings (what a user's process gets): load the
+    model (the module's `load`), then exactly one call. The call's own peak (VmHWM reset after the
+    load, minus the RSS before the call), the load's, and the peak of load + call over the RSS
+    before loading; with where the resident memory went (anonymous vs file-mapped pages)."""
+    mod = load_module(spec["op"])
+    dtype = DTYPES[spec["dtype"]]
+    out = {}
+    for mode in spec["modes"]:
+        backward = mode == "forward+backward"
+        inputs = mod.make_inputs(spec["shape"], "cpu", dtype, backward)
+        call = mod.forward_backward if backward else mod.forward
+        gc.collect()
+        s0 = _status_bytes()
+        if not _reset_hwm():
+            out[mode] = dict(first_call_mib=None, error="cannot reset VmHWM (/proc/self/clear_refs)")
+            continue
+        mod.load(spec["backend"], inputs)
+        gc.collect()
+        load_hwm, s1 = _vm_hwm_bytes(), _status_bytes()
+        _reset_hwm()
+        result = call(spec["backend"], inputs)
+        call_hwm, s2 = _vm_hwm_bytes(), _status_bytes()
+        del result
+        gc.collect()
+        s3, kept = _status_bytes(), _malloc_free_bytes()
+        mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+        diff = lambda a, b, k: mib(a[k] - b[k]) if k in a and k in b else None  # noqa: E731
+        out[mode] = dict(
+            first_call_mib=mib(call_hwm - s1["VmRSS"]), load_mib=mib(load_hwm - s0["VmRSS"]),
+            load_call_mib=mib(max(load_hwm, call_hwm) - s0["VmRSS"]),
+            rss_before_load_mib=mib(s0["VmRSS"]), rss_before_call_mib=mib(s1["VmRSS"]),
+            load_anon_mib=diff(s1, s0, "RssAnon"), load_file_mib=diff(s1, s0, "RssFile"),
+            # file pages mapped in during the call (weights paged in by their first use) stay resident
+            call_file_mib=diff(s2, s1, "RssFile"),
+            # after the call, its output freed: anonymous memory kept (e.g. by the allocator)
+            call_anon_kept_mib=diff(s3, s1, "RssAnon"), malloc_free_kept_mib=mib(kept))
+        del inputs
+    return out
+
+
 # glibc malloc: a fixed mmap threshold (which also turns off its dynamic raising) returns every
 # large block to the OS when it is freed, so RSS follows the live tensors; with the dynamic default,
 # a warm call reuses heap pages the first call left resident and looks almost free.
@@ -350,11 +433,14 @@ def child_env() -> dict:
     return {**MALLOC_ENV, **os.environ}  # settings of the caller win
 
 
-def cpu_peaks(op: str, shape: dict, backend: str, dtype: torch.dtype, modes: list[str]) -> dict:
-    spec = dict(op=op, shape=shape, backend=backend, dtype=DTYPE_NAMES[dtype], modes=modes)
+def cpu_peaks(op: str, shape: dict, backend: str, dtype: torch.dtype, modes: list[str], first: bool = False) -> dict:
+    """The memory child's figures per mode; `first`: the first-call child's, in the caller's
+    environment (no malloc settings of ours)."""
+    spec = dict(op=op, shape=shape, backend=backend, dtype=DTYPE_NAMES[dtype], modes=modes, first=first)
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", json.dumps(spec)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                           env=dict(os.environ) if first else child_env())
     except subprocess.TimeoutExpired:
         return {m: dict(peak_mib=None, error="memory child timed out") for m in modes}
     lines = r.stdout.strip().splitlines()
@@ -411,6 +497,8 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
     mod = load_module(op)
     backends, skipped = plan_backends(op, device, dtype, args.backend)
     shapes = mod.shapes(device, args.quick, tiny=args.tiny)
+    if args.shape:
+        shapes = [shapes[i] for i in args.shape]
     modes = list(MODES if args.backward and not getattr(mod, "INFERENCE_ONLY", False) else MODES[:1])
     print(f"\n== {op}: {shape_set(mod, device, args.quick, args.tiny)}")
     print(f"   timing: {', '.join(backends)}")
@@ -457,6 +545,14 @@ def bench_op(op: str, device: torch.device, dtype: torch.dtype, args, peak: dict
                         row["peak_mem_mib"] = info.get("peak_mib")
                         row["peak_mem_warm_mib"] = info.get("peak_warm_mib")
                         row["peak_mem_detail"] = info
+                if hasattr(mod, "load"):  # a model: its load and one first call in a fresh process
+                    firsts = cpu_peaks(op, shape, backend, dtype, modes, first=True)
+                    for row in shape_rows:
+                        if row["backend"] == backend:
+                            info = firsts.get(row["mode"], {})
+                            row["first_call_mib"] = info.get("first_call_mib")
+                            row["load_call_mib"] = info.get("load_call_mib")
+                            row["first_call_detail"] = info
         for row in shape_rows:
             ref = next((r for r in shape_rows if r["backend"] == backends[0] and r["mode"] == row["mode"]), None)
             row["baseline"] = backends[0]
@@ -484,7 +580,9 @@ def _fmt(v, spec):
 
 def table(rows: list[dict], gpu: bool) -> str:
     cols = ["op", "shape", "backend", "pass", "median ms", "vs base", "TFLOP/s", "GB/s", "peak MiB"]
+    first = not gpu and any(r.get("first_call_detail") for r in rows)
     cols += ["%peak TF", "%peak BW"] if gpu else ["warm MiB"]
+    cols += ["1st MiB", "load+1st"] if first else []
     cols.append("max|diff|")
     lines = []
     for r in rows:
@@ -497,6 +595,8 @@ def table(rows: list[dict], gpu: bool) -> str:
                      _fmt(None if r["frac_peak_gbps"] is None else 100 * r["frac_peak_gbps"], ".1f")]
         else:
             line.append(_fmt(r.get("peak_mem_warm_mib"), ".1f"))
+        if first:
+            line += [_fmt(r.get("first_call_mib"), ".1f"), _fmt(r.get("load_call_mib"), ".1f")]
         line.append(_fmt(r.get("max_abs_diff_vs_baseline"), ".1e"))
         lines.append(line)
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
@@ -573,6 +673,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="1-2 shapes per op and fewer repeats")
     p.add_argument("--tiny", action="store_true", default=os.environ.get("COGVX_BENCH_TINY") == "1",
                    help="tiny shapes, for the harness's own tests (also COGVX_BENCH_TINY=1)")
+    p.add_argument("--shape", action="append", type=int, metavar="I",
+                   help="only the I-th shape of each op's set (repeatable; 0-based, as listed in a full run)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark=True (lets the reference's conv3d autotune)")
@@ -588,7 +690,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        spec = json.loads(args.memory_child)
+        print(json.dumps((first_call_child if spec.get("first") else memory_child)(spec)))
         return 0
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

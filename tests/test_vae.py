@@ -137,6 +137,19 @@ def test_decode_is_causal_across_chunks(pair):
             ours.set_chunking("diffusers")
 
 
+def test_the_last_chunk_frees_each_conv_cache_after_its_last_slice(pair):
+    """A chunk followed by another leaves every causal conv's history for it; the last chunk leaves
+    none (each is dropped once its conv is done, freeing it before the later layers run)."""
+    _, ours = pair
+    latents = torch.randn(1, 4, 3, 2, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for final in (False, True):
+            ctx = FrameContext(1)  # a frame per slice: caches carried between slices too
+            ctx.final = final
+            ours.decoder(latents, ctx)
+            assert bool(ctx.caches) != final, final
+
+
 def test_save_round_trip_through_diffusers(pair, tmp_path):
     ref, ours = pair
     ours.save_pretrained(tmp_path / "ours")

@@ -120,6 +120,7 @@ class FrameContext:
     def __init__(self, slice_elements: int = SLICE_ELEMENTS):
         self.caches: dict[nn.Module, torch.Tensor | None] = {}
         self.slice_elements = slice_elements
+        self.final = False  # the last chunk: no later chunk reads a cache, so each goes after its last use
 
     def slices(self, x: torch.Tensor) -> list[tuple[int, int]]:
         """Frame ranges [start, end) of x to process at a time (all of it under autograd)."""
@@ -133,8 +134,11 @@ class FrameContext:
         """conv over the frames of x given slice by slice: `inputs(start, end)` makes the conv's input
         for x's frames [start, end) (same shape as them); yields (start, end, output frames)."""
         update = not torch.is_grad_enabled()  # the caches are ours: history written over the old one
-        for start, end in slices:
+        slices = list(slices)
+        for i, (start, end) in enumerate(slices):
             y, self.caches[conv] = conv(inputs(start, end), self.caches.get(conv), update_cache=update)
+            if self.final and i == len(slices) - 1:
+                del self.caches[conv]  # freed before the later (larger) layers allocate
             yield start, end, y
             del y  # not held while the next slice's conv allocates its output
 
@@ -625,8 +629,12 @@ class CausalVAE(nn.Module):
 
     def _encode_chunks(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
         ctx = FrameContext(self.slice_elements)
-        chunks = progress_bar(self._chunks(video.shape[2], self.encode_frames), progress, "encode chunks")
-        return torch.cat([self.encoder(video[:, :, start:end], ctx) for start, end in chunks], dim=2)
+        chunks = self._chunks(video.shape[2], self.encode_frames)
+        parts = []
+        for start, end in progress_bar(chunks, progress, "encode chunks"):
+            ctx.final = end == chunks[-1][1]
+            parts.append(self.encoder(video[:, :, start:end], ctx))
+        return torch.cat(parts, dim=2)
 
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
         """Latents (B, C, F', h, w) -> video (B, 3, F, 8h, 8w), chunk by chunk (tile by tile when
@@ -648,6 +656,7 @@ class CausalVAE(nn.Module):
         chunks = self._chunks(latents.shape[2], self.decode_latents)
         out = None
         for start, end in progress_bar(chunks, progress, "decode chunks"):
+            ctx.final = end == chunks[-1][1]
             frames = self.decoder(latents[:, :, start:end], ctx)  # into one preallocated video: no cat
             if out is None:
                 total = sum(self.decoded_frames(e - s) for s, e in chunks)
