@@ -103,6 +103,22 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {model} config{where}: " + "; ".join(problems))
 
 
+def conform_fields(instance, label: Callable[[str], str], expected: Callable[[object], str]) -> list[str]:
+    """Check every field of a frozen dataclass against its annotation, storing the conformed values
+    (JSON arrays as tuples); returns one problem per field that does not fit, worded as
+    "{label(name)} must be {expected(hint)}; got {value!r}"."""
+    hints = typing.get_type_hints(type(instance), include_extras=True)
+    problems = []
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        conformed = _conform(hints[field.name], value)
+        if conformed is _NO:
+            problems.append(f"{label(field.name)} must be {expected(hints[field.name])}; got {value!r}")
+        else:
+            object.__setattr__(instance, field.name, conformed)
+    return problems
+
+
 class DiffusersConfig:
     """Base of our frozen dataclasses that mirror a diffusers config.json (same keys and defaults).
     Construction checks every value against its field's annotation (type; range via Annotated
@@ -111,15 +127,7 @@ class DiffusersConfig:
     MODEL = "model"
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        problems = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            conformed = _conform(hints[field.name], value)
-            if conformed is _NO:
-                problems.append(f"{field.name!r} must be {_expected(hints[field.name])}; got {value!r}")
-            else:
-                object.__setattr__(self, field.name, conformed)
+        problems = conform_fields(self, lambda name: repr(name), _expected)
         problems = problems or self.problems()  # problems() may rely on the types
         if problems:
             raise ConfigError(self.MODEL, problems)

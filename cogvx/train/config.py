@@ -1,8 +1,8 @@
 """Training configs: a TOML file (tomllib) read into frozen dataclasses, one per section.
 
 Every value is checked against its field's annotation with cogvx.loading's typed-config machinery
-(`_conform`: types, `Annotated` bounds), then across fields (frames 1 + 8k: the VAE's 4× temporal
-compression with an odd latent count, which alone decodes back to the clip's length; sizes multiples
+(`loading.conform_fields`: types, `Annotated` bounds), then across fields (frames 1 + 8k: the VAE's
+4× temporal compression with an odd latent count, which alone decodes back to the clip's length; sizes multiples
 of its spatial factor; LPIPS needing its backbone...). An unknown section or key, a wrong type or
 an impossible value raises `ConfigError` naming the file and `section.key`, before anything is
 built. All problems of a file are reported at once.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated
 
 from ..loading import (NON_NEGATIVE, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
-                       _conform, _expected, _NO, component_folder, read_config)
+                       _expected, component_folder, conform_fields, read_config)
 from ..models.vae import DIFFUSERS_CLASS, VAEConfig
 
 WHAT = "VAE training"
@@ -81,15 +81,7 @@ class Section:
     FILE_RELATIVE = True  # paths relative to the TOML file's folder (train.out: to the working directory)
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            conformed = _conform(hints[f.name], value)
-            if conformed is _NO:
-                problems.append(f"{self.NAME}.{f.name} must be {_describe(hints[f.name])}; got {value!r}")
-            else:
-                object.__setattr__(self, f.name, conformed)
+        problems = conform_fields(self, lambda name: f"{self.NAME}.{name}", _describe)
         problems = problems or self.problems()
         if problems:
             raise ConfigError(WHAT, problems)
