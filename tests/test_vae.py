@@ -291,3 +291,26 @@ def test_half_precision_encode_is_as_close_as_diffusers(pair, tmp_path, dtype):
     assert torch.isfinite(actual).all()
     our_err = (actual.double() - truth).abs().max().item()
     assert our_err <= 1.5 * their_err + 5e-3 * truth.abs().max().item(), (our_err, their_err)
+
+
+def test_training_step_under_bf16_autocast(pair):
+    """Mixed-precision training (torch.autocast over fp32 weights): encode, sample, decode and
+    backward run (every causal conv in bf16, as torch's convs under autocast), the loss within bf16
+    precision of the fp32 step's, every parameter gets a finite gradient."""
+    _, ours = pair
+    video = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(8)) * 2 - 1
+
+    def step():
+        ours.zero_grad(set_to_none=True)
+        posterior = ours.encode(video)
+        reconstruction = ours.decode(posterior.sample(torch.Generator().manual_seed(9)).float())
+        loss = (reconstruction.float() - video).pow(2).mean() + 1e-6 * posterior.kl().float().mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    full, _ = step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, grads = step()
+    assert abs(mixed - full) <= 2e-2 * full, (mixed, full)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    ours.zero_grad(set_to_none=True)
