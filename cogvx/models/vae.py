@@ -117,6 +117,8 @@ class FrameContext:
     between chunks. Only a slice of the normalised input exists at a time, and the same numbers come
     out."""
 
+    local_statistics = True  # GroupNorm statistics come from this process's frames alone
+
     def __init__(self, slice_elements: int = SLICE_ELEMENTS):
         self.caches: dict[nn.Module, torch.Tensor | None] = {}
         self.slice_elements = slice_elements
@@ -172,7 +174,11 @@ def merge_moments(parts: torch.Tensor) -> torch.Tensor:
 def group_normalizer(norm: nn.GroupNorm, x: torch.Tensor, ctx: FrameContext, slices):
     """GroupNorm of x with statistics over the chunk (ctx), as a function of a frame range
     (start, end) -> normalised frames: x · a + b with a, b per (batch, channel), computed in float32
-    and rounded once, as GroupNorm does."""
+    and rounded once, as GroupNorm does. Under autograd in one process: the fused GroupNorm (its
+    forward and backward are two native ops, where the statistics by hand are many small ones)."""
+    if torch.is_grad_enabled() and ctx.local_statistics:  # one slice under autograd: the whole chunk
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return lambda start, end: y[:, :, start:end]
     mean, var, _ = ctx.group_moments(x, norm.num_groups, slices)
     per_group = x.shape[1] // norm.num_groups
     scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)

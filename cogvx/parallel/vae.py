@@ -87,6 +87,8 @@ class ContextParallel(FrameContext):
     """Frame context over ranks: conv history from the previous rank, GroupNorm statistics of all.
     Under autograd (one slice per layer) the exchange and the statistics are differentiable."""
 
+    local_statistics = False  # GroupNorm statistics over every rank's frames
+
     def __init__(self, group=None, slice_elements: int = SLICE_ELEMENTS):
         super().__init__(slice_elements)
         self.group = group
