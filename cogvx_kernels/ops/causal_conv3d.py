@@ -29,10 +29,9 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns (B, C_out, T, H + 2ph - kh + 1, W + 2pw - kw + 1); output frame t depends only on input
     frames <= t (and the halo). Under torch.autocast the floating inputs are cast to its dtype first.
     """
-    if torch.is_autocast_enabled(x.device.type):  # as torch's convolutions: in the autocast dtype
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):  # as torch's convs
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias, halo = (None if t is None else t.to(dtype) for t in (bias, halo))
+        x, weight, bias, halo = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, weight, bias, halo))
     pad_h, pad_w = check_args(x, weight, bias, halo, padding)
     impl = _registry.select(OP, backend, x.device, x.dtype)
     return impl.fn(x, weight, bias, halo, pad_h, pad_w)
