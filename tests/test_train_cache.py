@@ -218,3 +218,18 @@ def test_vae_config_refuses_the_transformer_data_keys():
             "train": {"steps": 1}}
     with pytest.raises(ConfigError, match="data.buckets: the VAE trainer takes clips of one shape"):
         VAETrainConfig.from_dict(data)
+
+
+def test_only_a_few_shards_are_open_at_once(pipeline, tmp_path, monkeypatch):
+    cache_latents(SyntheticShapes(buckets=[(1, 16, 16)], length=5), pipeline, tmp_path / "cache", shard_size=1)
+    monkeypatch.setattr(cache_module, "OPEN_SHARDS", 2)
+    cache = LatentCache(tmp_path / "cache")
+    reads = [cache[i]["caption"] for i in (0, 1, 2, 0, 3, 4)]
+    assert list(cache._open) == [3, 4] and reads == [cache[i]["caption"] for i in (0, 1, 2, 0, 3, 4)]
+    import pickle
+    copy = pickle.loads(pickle.dumps(cache))  # as a DataLoader worker gets it: no open handle travels
+    assert not copy._open and torch.equal(copy[2]["text"], cache[2]["text"])
+    alone, workers = Batches(cache, batch_size=2, seed=3), Batches(cache, batch_size=2, seed=3, num_workers=1)
+    for _ in range(3):
+        a, b = next(alone), next(workers)
+        assert a["caption"] == b["caption"] and torch.equal(a["latent_mean"], b["latent_mean"])

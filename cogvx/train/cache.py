@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
 _SHARD = re.compile(r"bucket(\d+)-(\d+)\.safetensors")
 _WHOLE = 64 * 2**20  # files up to this size are digested whole; larger ones by samples
 _SAMPLES, _BLOCK = 256, 64 * 2**10
+OPEN_SHARDS = 32  # shard files a LatentCache keeps open (memory-mapped) at once
 
 
 class CacheError(ValueError):
@@ -273,7 +275,12 @@ class LatentCache(_Bucketed, Dataset):
     """A finished latent cache as a dataset with buckets: items {"latent_mean": (C, F', h, w),
     "latent_std": same, "text": (L, D), "caption": str} in the stored dtype; `empty_text` (L, D).
     With `pipeline` (a pipeline folder) and `buckets`, the cache must have been made from those
-    models and with those buckets (else CacheError); every shard must have its recorded size."""
+    models and with those buckets (else CacheError); every shard must have its recorded size.
+
+    `cache[(i, bucket)]` (what Batches reads) or `cache[i]`; `bucket_of(i)`, `bucket_members()`,
+    `buckets` (the clips' (frames, height, width)), `latent_shapes` (per bucket (C, F', h, w), None
+    for an empty one), `text_shape`, `source(i)` (the dataset index and bucket it came from),
+    `skipped` (clips left out as unreadable), `manifest` (the whole record)."""
 
     def __init__(self, path: str | Path, *, pipeline: str | Path | None = None, buckets: list[Shape] | None = None):
         self.path = Path(path)
@@ -323,7 +330,7 @@ class LatentCache(_Bucketed, Dataset):
         self._shard = np.repeat(np.arange(len(shards)), counts)  # entry -> shard, row
         self._row = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         self._bucket = np.repeat(np.array([record["bucket"] for record in shards], dtype=np.int64), counts)
-        self._open: dict[int, tuple] = {}  # shard -> (safe_open handle, captions)
+        self._open: OrderedDict[int, tuple] = OrderedDict()  # shard -> (safe_open handle, captions, indices)
         self._empty = None
 
     def __len__(self) -> int:
@@ -337,10 +344,16 @@ class LatentCache(_Bucketed, Dataset):
         return int(self._bucket[index])
 
     def __getstate__(self):  # DataLoader workers open the shards themselves
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": OrderedDict()}
 
     def _shard_file(self, shard: int):
-        if shard not in self._open:
+        """The shard's open handle and metadata; the OPEN_SHARDS most recently used stay open (a
+        large cache has more shards than a process may hold files)."""
+        if shard in self._open:
+            self._open.move_to_end(shard)
+        else:
+            if len(self._open) >= OPEN_SHARDS:
+                self._open.popitem(last=False)
             path = self.path / self.files[shard]
             try:
                 handle = safe_open(str(path), framework="pt")
