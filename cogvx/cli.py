@@ -523,6 +523,10 @@ def cache_latents(args) -> int:
                   batch_size=args.batch_size, shard_size=args.shard_size, progress=rank == 0)
         except (CacheError, ValueError) as exc:
             raise UsageError(_first_line(exc)) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the whole shards stay and are reused
+            print(f"cogvx: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the shards written so "
+                  f"far in {out} are kept: run the same command again to finish the cache", file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
         if rank == 0:
             done = LatentCache(out)
             print(f"cached {len(done)} clips in {len(done.files)} shards to {out}"

@@ -150,6 +150,18 @@ def test_an_interrupted_writer_leaves_whole_shards_and_a_rerun_finishes(pipeline
     assert not [p for p in out.iterdir() if p.name.startswith(".")] and len(LatentCache(out, buckets=BUCKETS)) == 6
 
 
+def test_cli_interrupted_keeps_the_shards_and_says_so(pipeline, tmp_path, capsys, monkeypatch):
+    from cogvx.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "cache_latents", interrupted)
+    config = write_config(tmp_path / "c.toml", pipeline, 'buckets = [[5, 16, 16]]\ncache = "latents"')
+    assert main(["cache-latents", "--config", str(config)]) == 130
+    assert "interrupted; the shards written so far" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_write_what_one_process_writes(pipeline, tmp_path):
     one = cache_latents(dataset(3), pipeline, tmp_path / "one", shard_size=2)
