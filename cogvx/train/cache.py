@@ -170,7 +170,8 @@ def cache_latents(dataset: Dataset, pipeline: str | Path, out: str | Path, *, st
     settings = {"format": FORMAT, "models": pipeline_identity(pipeline), "data": describe_dataset(dataset),
                 "buckets": [list(b) for b in buckets], "storage": storage, "dtype": str(dtype).removeprefix("torch."),
                 "vae_chunking": "diffusers", "shard_size": shard_size}
-    key = _key(settings)
+    # the key: what the shards hold (a moved but identical pipeline keeps it)
+    key = _key({**settings, "models": {part: m["digest"] for part, m in settings["models"].items()}})
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         existing = read_json(manifest_path)
