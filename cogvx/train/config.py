@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from ..loading import (NON_NEGATIVE, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
+from ..loading import (NON_NEGATIVE, UNIT, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
                        _expected, component_folder, conform_fields, read_config)
 from ..models.vae import DIFFUSERS_CLASS, VAEConfig
 
@@ -153,12 +153,18 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig(Section):
-    """Clips of `frames` frames at height × width from a captioned folder or `synthetic:shapes`.
+    """Clips from a captioned folder or `synthetic:shapes`: of one shape (`frames` frames at
+    height × width) or of several, `buckets` = [[frames, height, width], ...] (every batch one
+    bucket; 1-frame buckets hold images, taken in `image_ratio` of the batches, by default in
+    proportion to the clips), optionally read from a latent `cache` folder (`cogvx cache-latents`).
     `batch_size` is per rank (DDP); under context parallelism every rank holds the same clips."""
     source: Path | Annotated[str, one_of(*SYNTHETIC)]
-    frames: PositiveInt
-    height: PositiveInt
-    width: PositiveInt
+    frames: PositiveInt | None = None
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
+    buckets: tuple[tuple[PositiveInt, ...], ...] | None = None
+    image_ratio: Annotated[float, UNIT] | None = None
+    cache: Path | None = None
     batch_size: PositiveInt = 1
     num_workers: NonNegativeInt = 0
     seed: NonNegativeInt = 0
@@ -166,17 +172,55 @@ class DataConfig(Section):
     length: PositiveInt = 1024  # clips of a synthetic source
 
     NAME = "data"
-    PATHS = {"source": ("synthetic:",)}
+    PATHS = {"source": ("synthetic:",), "cache": ()}
 
     @property
     def synthetic(self) -> bool:
         return isinstance(self.source, str)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The buckets (frames, height, width): `buckets`, or the one shape."""
+        if self.buckets is not None:
+            return [tuple(b) for b in self.buckets]
+        return [(self.frames, self.height, self.width)]
 
     def problems(self) -> list[str]:
         problems = []
         if self.synthetic and self.validation_clips >= self.length:
             problems.append(f"data.validation_clips ({self.validation_clips}) must be less than data.length "
                             f"({self.length}): some clips must be left to train on")
+        shape = {k: getattr(self, k) for k in ("frames", "height", "width")}
+        if self.buckets is None:
+            missing = [k for k, v in shape.items() if v is None]
+            if missing:
+                problems.append(f"data.{', data.'.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                                f"(the clips' shape), or data.buckets = [[frames, height, width], ...]")
+            if self.image_ratio is not None:
+                problems.append("data.image_ratio needs data.buckets (with 1-frame buckets for the images)")
+            return problems
+        given = [k for k, v in shape.items() if v is not None]
+        if given:
+            problems.append(f"data.buckets and data.{', data.'.join(given)} exclude each other: each bucket is "
+                            f"[frames, height, width]")
+        if not self.buckets:
+            problems.append("data.buckets must list at least one [frames, height, width]")
+        bad = [list(b) for b in self.buckets if len(b) != 3]
+        if bad:
+            problems.append(f"data.buckets: each bucket is [frames, height, width]; got {bad}")
+            return problems
+        if len(set(self.buckets)) < len(self.buckets):
+            problems.append(f"data.buckets must be distinct; got {[list(b) for b in self.buckets]}")
+        images = [b for b in self.buckets if b[0] == 1]
+        if self.image_ratio is not None and self.image_ratio > 0 and not images:
+            problems.append(f"data.image_ratio = {self.image_ratio} needs a 1-frame bucket in data.buckets "
+                            f"(e.g. [1, height, width]): images are 1-frame clips")
+        if self.image_ratio is not None and self.image_ratio < 1 and len(images) == len(self.buckets):
+            problems.append(f"data.image_ratio = {self.image_ratio} < 1 needs a video bucket (more than 1 frame) "
+                            f"in data.buckets")
+        if self.image_ratio == 0 and images:
+            problems.append(f"data.image_ratio = 0 leaves the 1-frame buckets {[list(b) for b in images]} unused: "
+                            f"remove them or raise the ratio")
         return problems
 
 
@@ -313,6 +357,10 @@ class VAETrainConfig:
         vae = vae or VAEConfig()
         ratio, spatial = int(vae.temporal_compression_ratio), vae.spatial_factor
         data, problems = self.data, []
+        other = [k for k in ("buckets", "image_ratio", "cache") if getattr(data, k) is not None]
+        if other:  # the transformer trainer's keys
+            return [f"data.{k}: the VAE trainer takes clips of one shape (data.frames, data.height, data.width), "
+                    f"read from data.source" for k in other]
         period = 2 * ratio
         if (data.frames - 1) % period:
             below = 1 + (data.frames - 1) // period * period
@@ -376,17 +424,122 @@ class VAETrainConfig:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
 
 
-def load_vae_config(path: str | Path) -> VAETrainConfig:
-    """A VAE training config from a TOML file; errors name the file and `section.key`."""
-    path = Path(path)
+def _read_toml(path: Path, what: str) -> dict:
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"config file {str(path)!r} is a directory") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(WHAT, [f"not UTF-8 text: {exc}"], path) from None
+        raise ConfigError(what, [f"not UTF-8 text: {exc}"], path) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(WHAT, [f"not valid TOML: {exc}"], path) from None
-    return VAETrainConfig.from_dict(data, source=path)
+        raise ConfigError(what, [f"not valid TOML: {exc}"], path) from None
+
+
+def load_vae_config(path: str | Path) -> VAETrainConfig:
+    """A VAE training config from a TOML file; errors name the file and `section.key`."""
+    path = Path(path)
+    return VAETrainConfig.from_dict(_read_toml(path, WHAT), source=path)
+
+
+# -- latent caches: the [model] pipeline and the [data] of a transformer training config ------------
+CACHE_WHAT = "transformer training"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(Section):
+    """The CogVideoX pipeline folder (vae/, text_encoder/, tokenizer/, transformer/) the transformer
+    trains in; its VAE and T5 encode the clips."""
+    pipeline: Path
+
+    NAME = "model"
+    PATHS = {"pipeline": ()}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `cogvx cache-latents` reads of a transformer training config: `model.pipeline` and the
+    [data] section. The other sections, and the other keys of [model], belong to the trainer, whose
+    loader checks them: they are ignored here."""
+    model: PipelineConfig
+    data: DataConfig
+    source: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | Path | None = None) -> "CacheConfig":
+        source = Path(source) if source is not None else None
+        base = source.parent if source is not None else None
+        if not isinstance(data, dict):
+            raise ConfigError(CACHE_WHAT, [f"expected a table of sections; got {data!r}"], source)
+        problems, sections = [], {}
+        for name, section, keys in (("model", PipelineConfig, ("pipeline",)), ("data", DataConfig, None)):
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                problems.append(f"[{name}] must be a table of keys; got {table!r}")
+                continue
+            if keys is not None:
+                table = {k: v for k, v in table.items() if k in keys}
+            try:
+                sections[name] = section.from_dict(table, base)
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, source)
+        config = cls(**sections, source=source)
+        problems = config.problems(VAEConfig(), 2)
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, source)
+        return config
+
+    def problems(self, vae: VAEConfig, patch: int) -> list[str]:
+        """Buckets the VAE can encode and the transformer take: frames 1 + r·k (r the VAE's temporal
+        compression), sizes multiples of the VAE's spatial factor × the transformer's patch size
+        (CogVideoX's 4, 8 and 2 until the pipeline's configs are read, in check_files)."""
+        ratio, multiple = int(vae.temporal_compression_ratio), vae.spatial_factor * patch
+        problems = []
+        where = "data.buckets " if self.data.buckets is not None else "data "
+        for frames, height, width in self.data.shapes:
+            at = f"{where}[{frames}, {height}, {width}]"
+            if (frames - 1) % ratio:
+                problems.append(f"{at}: {frames} frames must be 1 + {ratio}·k (the VAE keeps the first frame and "
+                                f"compresses the rest {ratio}× in time)")
+            for key, size in (("height", height), ("width", width)):
+                if size % multiple:
+                    problems.append(f"{at}: {key} {size} must be a multiple of {multiple} (the VAE's spatial "
+                                    f"factor {vae.spatial_factor} × the transformer's patch size {patch})")
+        return problems
+
+    def check_files(self) -> None:
+        """Before encoding: the pipeline folder has the parts, its configs take the buckets, and the
+        data folder has its captions.jsonl. Raises ConfigError naming the key."""
+        from ..models import transformer as transformer_module
+
+        root, problems = self.model.pipeline, []
+        missing = [part for part in ("vae", "text_encoder", "tokenizer") if not (root / part).is_dir()]
+        if not root.is_dir() or missing:
+            problems.append(f"model.pipeline: {str(root)!r} is not a CogVideoX pipeline folder (it needs vae/, "
+                            f"text_encoder/, tokenizer/{'' if not root.is_dir() else '; no ' + ', '.join(missing)})")
+        else:
+            try:
+                vae = read_config(root / "vae", VAEConfig, DIFFUSERS_CLASS)
+                patch = 2
+                if (root / "transformer" / "config.json").is_file():
+                    patch = read_config(root / "transformer", transformer_module.TransformerConfig,
+                                        transformer_module.DIFFUSERS_CLASS).patch_size
+            except (OSError, ValueError) as exc:
+                problems.append(f"model.pipeline: {exc}")
+            else:
+                problems += self.problems(vae, patch)
+        if not self.data.synthetic and not (self.data.source / "captions.jsonl").is_file():
+            problems.append(f"data.source: {str(self.data.source)!r} has no captions.jsonl (a folder of videos and "
+                            f"images with one {{\"path\": ..., \"caption\": ...}} line per file)")
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, self.source)
+
+
+def load_cache_config(path: str | Path) -> CacheConfig:
+    """`model.pipeline` and [data] of a transformer training config (TOML); errors name the file
+    and `section.key`."""
+    path = Path(path)
+    return CacheConfig.from_dict(_read_toml(path, CACHE_WHAT), source=path)
