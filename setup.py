@@ -6,6 +6,7 @@ torch is needed at build time, so install it first and build with
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,19 @@ def wheel_cuda_include_dirs():
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def arch_tokens(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "8.0 9.0") as "8.0,9.0+PTX": a define value that needs no
+    quoting in the build's shell commands."""
+    entries = [e for e in re.split(r"[;\s]+", arch_list) if e]
+    bad = [e for e in entries if not re.fullmatch(r"[A-Za-z0-9.+_]+", e)]
+    if bad:
+        sys.exit(f"cogvx: TORCH_CUDA_ARCH_LIST has entries this build cannot record: {bad} (expected e.g. 8.0;9.0+PTX)")
+    return ",".join(entries)
+
+
 def want_cuda():
     forced = os.environ.get("COGVX_BUILD_CUDA")
     cuda_home = find_cuda_home()
@@ -74,11 +88,15 @@ def extensions():
     if build_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home  # torch read it at import time, before we found it
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # cubins for A100 (runs on every sm_8x) and H100, PTX of sm_90 for newer GPUs (JIT-compiled by
+        # the driver: Blackwell sm_100 / sm_120 run the kernels instead of "no kernel image")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += wheel_cuda_include_dirs()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v",
                          "--expt-relaxed-constexpr"]
+        # what the build holds, for backend choice (cogvx_kernels._C.cuda_arch_list, csrc/ops.cpp)
+        cxx_flags += ["-DCOGVX_WITH_CUDA", f"-DCOGVX_CUDA_ARCHS={arch_tokens(os.environ['TORCH_CUDA_ARCH_LIST'])}"]
         ext_cls = cpp_extension.CUDAExtension
     print(f"cogvx: building _C with CUDA={'yes (' + cuda_home + ', archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if build_cuda else 'no'}",
           flush=True)

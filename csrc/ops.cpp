@@ -44,8 +44,50 @@ TORCH_LIBRARY(cogvx, m) {
       "Tensor? grad_lse, float scale, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
+#ifdef COGVX_WITH_CUDA
+namespace cogvx::attention::gpu {
+void smem_bytes(int D, int (&out)[3]);  // csrc/cuda/joint_attention.cu
+}
+#endif
+// setup.py passes the arch list as bare tokens (-DCOGVX_CUDA_ARCHS=8.0,9.0+PTX: no quotes or
+// semicolons to survive the build's shell); stringified here.
+#define COGVX_STRINGIFY_(...) #__VA_ARGS__
+#define COGVX_STRINGIFY(...) COGVX_STRINGIFY_(__VA_ARGS__)
+#ifdef COGVX_CUDA_ARCHS
+#define COGVX_CUDA_ARCH_LIST COGVX_STRINGIFY(COGVX_CUDA_ARCHS)
+#else
+#define COGVX_CUDA_ARCH_LIST ""
+#endif
+
 // Lets `import cogvx_kernels._C` load the library (the ops register through static initialisers).
+// Module attributes describe the build, for backend choice (cogvx_kernels/_extension.py):
+//   cuda_arch_list  the TORCH_CUDA_ARCH_LIST entries the CUDA kernels were compiled for, comma-
+//                   separated ("" without CUDA), e.g. "8.0,9.0+PTX": cubins for sm_80 and sm_90,
+//                   PTX for compute_90;
+//   cuda_smem       {op: {head_dim: {kernel: dynamic shared-memory bytes per block}}} of the
+//                   CUDA kernels that opt in to more than 48 KiB ({} without CUDA).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "cogvx C++/CUDA ops", -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "cuda_arch_list", COGVX_CUDA_ARCH_LIST) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+#ifdef COGVX_WITH_CUDA
+  int d64[3], d128[3];
+  cogvx::attention::gpu::smem_bytes(64, d64);
+  cogvx::attention::gpu::smem_bytes(128, d128);
+  PyObject* smem = Py_BuildValue("{s:{i:{s:i,s:i,s:i},i:{s:i,s:i,s:i}}}", "joint_attention",
+                                 64, "forward", d64[0], "backward dK/dV", d64[1], "backward dQ", d64[2],
+                                 128, "forward", d128[0], "backward dK/dV", d128[1], "backward dQ", d128[2]);
+#else
+  PyObject* smem = PyDict_New();
+#endif
+  if (smem == nullptr || PyModule_AddObject(m, "cuda_smem", smem) < 0) {
+    Py_XDECREF(smem);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

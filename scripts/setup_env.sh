@@ -37,7 +37,8 @@ if command -v ccache >/dev/null 2>&1; then
   [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
 fi
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+# cubins for sm_80 (every sm_8x) and sm_90, plus sm_90 PTX that newer GPUs (Blackwell) JIT-compile
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 mkdir -p build
 echo "cogvx: building the kernels (log: build/build.log)"

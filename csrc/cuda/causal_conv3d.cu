@@ -14,8 +14,8 @@
 //                 padded frames that read it (padded_frames_of_source): J = kt for blocks holding a
 //                 frame 0 without halo, else 1. Each grad_x / grad_halo element is written once.)
 //   weight grad  M = C_out   N = C_in (one tap per block)   K = B*T*Ho*Wo output pixels,
-//                split-K over pixels into an fp32 (fp64) workspace, then a deterministic reduction.
-//   bias grad    at::sum in fp32 (fp64 for double), cast to the weight dtype.
+//                split-K over pixels into an fp32 workspace, then a deterministic reduction.
+//   bias grad    at::sum in fp32, cast to the weight dtype.
 //
 // Tiles: 256 threads, a 128 (M) x 64 (N) block tile, two shared-memory stages. Global loads of
 // step s+1 are issued into registers before the MMAs of step s and stored to the other stage after
@@ -24,8 +24,8 @@
 //   bf16 / fp16: K step 32, tensor cores through `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`
 //                (fp32 accumulation) fed by `ldmatrix.x4`; 8 warps of 32x32. The same mma.sync (HMMA)
 //                path runs on sm_80 and sm_90 (no wgmma on sm_90).
-//   fp32 / fp64: CUDA-core FMA fallback (K step 16 / 8), 8x4 outputs per thread, accumulation in
-//                the input type (fp32 / fp64).
+//   fp32:        CUDA-core FMA fallback (K step 16), 8x4 outputs per thread, fp32 accumulation.
+//                No fp64 kernels: no backend declares float64 (it runs on the reference).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -41,6 +41,7 @@
 
 #include "common/causal_conv3d.h"
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "cuda/mma.cuh"
 
 namespace cogvx {
@@ -55,13 +56,14 @@ constexpr int kBN = 64;   // columns of a block tile: C_out (fwd), C_in (dgrad, 
 // Per-type configuration
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-struct Traits {  // fp32 / fp64: CUDA-core fallback
+struct Traits {  // fp32: CUDA-core fallback
+  static_assert(std::is_same_v<T, float>, "causal_conv3d CUDA kernels: float32, float16, bfloat16");
   static constexpr bool kTC = false;
-  using acc_t = T;
-  using smem_t = T;
-  static constexpr int BK = sizeof(T) == 8 ? 8 : 16;
+  using acc_t = float;
+  using smem_t = float;
+  static constexpr int BK = 16;
   static constexpr int PAD = 1;  // row stride BK+1 words: conflict-free column reads
-  static constexpr int kMinBlocks = sizeof(T) == 8 ? 1 : 2;  // fp64: 64 accumulator registers
+  static constexpr int kMinBlocks = 2;
 };
 template <>
 struct Traits<c10::Half> {
@@ -647,7 +649,7 @@ struct AccTC {
   }
 };
 
-// CUDA-core tile (fp32/fp64): thread computes rows tm + 16*i (i < 8), columns tn + 16*j (j < 4).
+// CUDA-core tile (fp32): thread computes rows tm + 16*i (i < 8), columns tn + 16*j (j < 4).
 template <typename T>
 struct AccSIMT {
   using acc_t = typename Traits<T>::acc_t;
@@ -996,9 +998,6 @@ WgradParams<T> wgrad_params(const Geom& g, const WgradSplit& s, const at::Tensor
   return p;
 }
 
-inline at::ScalarType wgrad_acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 #if defined(__CUDACC__)
 at::Tensor causal_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -1020,7 +1019,7 @@ at::Tensor causal_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(mblocks <= INT32_MAX && nblocks <= 65535, "causal_conv3d: problem too large");
   const dim3 grid(static_cast<unsigned>(mblocks), static_cast<unsigned>(nblocks));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv3d_cuda", [&] {
+  COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_cuda", [&] {
     const FwdParams<scalar_t> p = fwd_params<scalar_t>(g, x, hl, w, b, out);
     causal_conv3d_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1045,11 +1044,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
   at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
   at::Tensor grad_h = g.has_halo ? at::empty(hl.sizes(), hl.options()) : at::empty({0}, x.options());
   at::Tensor grad_b = has_bias ? at::sum(grad_out, {0, 2, 3, 4}, /*keepdim=*/false,
-                                         wgrad_acc_dtype(x.scalar_type()))
+                                         at::kFloat)
                                      .to(weight.scalar_type())
                                : at::empty({0}, weight.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv3d_backward_cuda", [&] {
+  COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "causal_conv3d_backward_cuda", [&] {
     using acc_t = typename Traits<scalar_t>::acc_t;
     // ---- input gradient: grad_x and grad_halo, every element written once ----
     if (grad_x.numel() > 0 || grad_h.numel() > 0) {
@@ -1071,7 +1070,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
       const int64_t xblocks = g.taps * s.n_cblocks, yblocks = ceil_div(g.Cout, kBM);
       TORCH_CHECK(xblocks <= INT32_MAX && yblocks <= 65535 && s.splits <= 65535,
                   "causal_conv3d_backward: problem too large");
-      at::Tensor ws = at::empty({s.splits, count}, x.options().dtype(wgrad_acc_dtype(x.scalar_type())));
+      at::Tensor ws = at::empty({s.splits, count}, x.options().dtype(at::kFloat));
       const WgradParams<scalar_t> p = wgrad_params<scalar_t>(g, s, grad_out, x, hl, ws);
       const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(yblocks),
                       static_cast<unsigned>(s.splits));

@@ -43,8 +43,12 @@
 //                dQ / dK / dV element is then written once by one thread with a fixed summation
 //                order: the backward is bit-identical run to run.
 //             D ∈ {64, 128} on this path (checked).
-// fp32 / fp64: CUDA-core fallback kernels (one warp per query or key row, one key / query at a time,
-//             accumulation in fp32 / fp64); correct for any D <= 256, meant for tests.
+// fp32: CUDA-core fallback kernels (one warp per query or key row, one key / query at a time, fp32
+//             accumulation); correct for any D <= 256, a test path: backend choice runs it only
+//             when backend="cuda" is named (fp32 attention on CUDA goes to torch's SDPA kernels).
+// Shared memory: the bf16/fp16 kernels need fwd_smem_bytes / dkdv_smem_bytes / dq_smem_bytes per
+// block (dynamic); `smem_bytes` reports them to Python (cogvx_kernels._C.cuda_smem), where backend
+// choice compares them with the device's opt-in limit before choosing this backend.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -61,6 +65,7 @@
 
 #include "common/attention.h"
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "cuda/mma.cuh"
 
 namespace cogvx {
@@ -524,10 +529,10 @@ __global__ void __launch_bounds__(FwdCfg<D>::kWarps * 32, FwdCfg<D>::kMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // Backward preprocess: delta = rowsum(dO∘O) − grad_lse, one warp per (b, h, row)
 // ---------------------------------------------------------------------------------------------
-template <typename T, typename A>
+template <typename T>
 __global__ void __launch_bounds__(256) joint_attention_bwd_delta_kernel(
     const T* __restrict__ dout, int64_t ds0, int64_t ds1, int64_t ds2, const T* __restrict__ out, int64_t os0,
-    int64_t os1, int64_t os2, const float* __restrict__ grad_lse, A* __restrict__ delta, int64_t H, int64_t Lq,
+    int64_t os1, int64_t os2, const float* __restrict__ grad_lse, float* __restrict__ delta, int64_t H, int64_t Lq,
     int64_t D, int64_t rows) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
@@ -537,10 +542,10 @@ __global__ void __launch_bounds__(256) joint_attention_bwd_delta_kernel(
     const int64_t h = bh % H, b = bh / H;
     const T* dp = dout + b * ds0 + h * ds1 + i * ds2;
     const T* op = out + b * os0 + h * os1 + i * os2;
-    A acc = A(0);
-    for (int64_t d = lane; d < D; d += 32) acc += static_cast<A>(dp[d]) * static_cast<A>(op[d]);
+    float acc = 0.f;
+    for (int64_t d = lane; d < D; d += 32) acc += static_cast<float>(dp[d]) * static_cast<float>(op[d]);
     acc = warp_sum(acc);
-    if (lane == 0) delta[row] = acc - (grad_lse != nullptr ? static_cast<A>(grad_lse[row]) : A(0));
+    if (lane == 0) delta[row] = acc - (grad_lse != nullptr ? grad_lse[row] : 0.f);
   }
 }
 
@@ -799,32 +804,10 @@ __global__ void __launch_bounds__(DqCfg<D>::kWarps * 32, DqCfg<D>::kMinBlocks)
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA-core fallback (fp32 / fp64): one warp per row, lane l holds channels l + 32·c
+// CUDA-core fallback (fp32, a test path): one warp per row, lane l holds channels l + 32·c
 // ---------------------------------------------------------------------------------------------
 constexpr int kFbMaxD = 256;
 constexpr int kFbPer = kFbMaxD / 32;
-
-// The helpers of common/attention.h in the accumulation type (fp64 versions of the same formulas).
-template <typename A>
-struct Num {
-  static __device__ __forceinline__ float rescale_(float a, float b) { return rescale(a, b); }
-  static __device__ __forceinline__ float prob_(float s2, float m) { return prob(s2, m); }
-  static __device__ __forceinline__ float lse_natural_(float m, float l) { return lse_natural(m, l); }
-  static __device__ __forceinline__ float prob_from_lse_(float s2, float lse2) { return prob_from_lse(s2, lse2); }
-  static __device__ __forceinline__ float grad_score_(float p, float dp, float d) { return grad_score(p, dp, d); }
-  static constexpr float kLog2e_ = kLog2e;
-};
-template <>
-struct Num<double> {
-  static __device__ __forceinline__ double rescale_(double a, double b) { return a == -INFINITY ? 0.0 : exp2(a - b); }
-  static __device__ __forceinline__ double prob_(double s2, double m) { return exp2(s2 - m); }
-  static __device__ __forceinline__ double lse_natural_(double m, double l) {
-    return (m + log2(l)) * 0.6931471805599453094;
-  }
-  static __device__ __forceinline__ double prob_from_lse_(double s2, double lse2) { return exp2(s2 - lse2); }
-  static __device__ __forceinline__ double grad_score_(double p, double dp, double d) { return p * (dp - d); }
-  static constexpr double kLog2e_ = 1.4426950408889634074;
-};
 
 struct FbParams {
   const void* q;
@@ -832,13 +815,13 @@ struct FbParams {
   const void* v;
   const void* dout;
   int64_t qs[3], ks[3], vs[3], dos[3];
-  const float* lse;   // natural log (B, H, Lq)
-  const void* delta;  // accumulation type (B, H, Lq)
+  const float* lse;    // natural log (B, H, Lq)
+  const float* delta;  // (B, H, Lq)
   void* out;          // (B, L, H, D) contiguous: out (forward), dq, or dk
   void* out2;         // dv
   float* lse_out;
   int64_t B, H, Lq, Lk, D;
-  double scale;
+  float scale;
 };
 
 template <typename T, typename A>
@@ -869,9 +852,9 @@ __device__ __forceinline__ void fb_store_row(T* dst, const A (&x)[kFbPer], A mul
 }
 
 // Forward: online softmax over one key at a time.
-template <typename T, typename A>
 __global__ void __launch_bounds__(256) joint_attention_fwd_fallback_kernel(const FbParams p) {
-  using N = Num<A>;
+  using T = float;
+  using A = float;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= p.B * p.H * p.Lq) return;
@@ -883,13 +866,13 @@ __global__ void __launch_bounds__(256) joint_attention_fwd_fallback_kernel(const
   fb_load_row(qv, q, p.D, lane);
 #pragma unroll
   for (int c = 0; c < kFbPer; ++c) acc[c] = A(0);
-  const A sl2 = static_cast<A>(p.scale) * N::kLog2e_;
+  const A sl2 = static_cast<A>(p.scale) * kLog2e;
   A m = -INFINITY, l = A(0);
   for (int64_t j = 0; j < p.Lk; ++j) {
     const A s2 = fb_dot(qv, k + j * p.ks[2], p.D, lane) * sl2;
     const A m_new = s2 > m ? s2 : m;
-    const A alpha = N::rescale_(m, m_new);
-    const A pr = N::prob_(s2, m_new);
+    const A alpha = rescale(m, m_new);
+    const A pr = prob(s2, m_new);
     m = m_new;
     l = l * alpha + pr;
     const T* vr = v + j * p.vs[2];
@@ -901,13 +884,13 @@ __global__ void __launch_bounds__(256) joint_attention_fwd_fallback_kernel(const
   }
   T* out = static_cast<T*>(p.out) + ((b * p.Lq + i) * p.H + h) * p.D;
   fb_store_row(out, acc, A(1) / l, p.D, lane);
-  if (lane == 0) p.lse_out[row] = static_cast<float>(N::lse_natural_(m, l));
+  if (lane == 0) p.lse_out[row] = static_cast<float>(lse_natural(m, l));
 }
 
 // dQ: one warp per query row, one key at a time.
-template <typename T, typename A>
 __global__ void __launch_bounds__(256) joint_attention_bwd_dq_fallback_kernel(const FbParams p) {
-  using N = Num<A>;
+  using T = float;
+  using A = float;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= p.B * p.H * p.Lq) return;
@@ -921,13 +904,13 @@ __global__ void __launch_bounds__(256) joint_attention_bwd_dq_fallback_kernel(co
   fb_load_row(dov, dout, p.D, lane);
 #pragma unroll
   for (int c = 0; c < kFbPer; ++c) acc[c] = A(0);
-  const A sl2 = static_cast<A>(p.scale) * N::kLog2e_;
-  const A lse2 = static_cast<A>(p.lse[row]) * N::kLog2e_;
-  const A del = static_cast<const A*>(p.delta)[row];
+  const A sl2 = static_cast<A>(p.scale) * kLog2e;
+  const A lse2 = static_cast<A>(p.lse[row]) * kLog2e;
+  const A del = p.delta[row];
   for (int64_t j = 0; j < p.Lk; ++j) {
     const T* kr = k + j * p.ks[2];
-    const A pr = N::prob_from_lse_(fb_dot(qv, kr, p.D, lane) * sl2, lse2);
-    const A ds = N::grad_score_(pr, fb_dot(dov, v + j * p.vs[2], p.D, lane), del);
+    const A pr = prob_from_lse(fb_dot(qv, kr, p.D, lane) * sl2, lse2);
+    const A ds = grad_score(pr, fb_dot(dov, v + j * p.vs[2], p.D, lane), del);
 #pragma unroll
     for (int c = 0; c < kFbPer; ++c) {
       const int64_t d = lane + 32 * c;
@@ -939,9 +922,9 @@ __global__ void __launch_bounds__(256) joint_attention_bwd_dq_fallback_kernel(co
 }
 
 // dK, dV: one warp per key row, one query at a time.
-template <typename T, typename A>
 __global__ void __launch_bounds__(256) joint_attention_bwd_dkdv_fallback_kernel(const FbParams p) {
-  using N = Num<A>;
+  using T = float;
+  using A = float;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= p.B * p.H * p.Lk) return;
@@ -951,18 +934,18 @@ __global__ void __launch_bounds__(256) joint_attention_bwd_dkdv_fallback_kernel(
   const T* q = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
   const T* dout = static_cast<const T*>(p.dout) + b * p.dos[0] + h * p.dos[1];
   const float* lse = p.lse + bh * p.Lq;
-  const A* delta = static_cast<const A*>(p.delta) + bh * p.Lq;
+  const A* delta = p.delta + bh * p.Lq;
   A kv[kFbPer], vv[kFbPer], dk[kFbPer], dv[kFbPer];
   fb_load_row(kv, kr, p.D, lane);
   fb_load_row(vv, vr, p.D, lane);
 #pragma unroll
   for (int c = 0; c < kFbPer; ++c) dk[c] = dv[c] = A(0);
-  const A sl2 = static_cast<A>(p.scale) * N::kLog2e_;
+  const A sl2 = static_cast<A>(p.scale) * kLog2e;
   for (int64_t i = 0; i < p.Lq; ++i) {
     const T* qr = q + i * p.qs[2];
     const T* dor = dout + i * p.dos[2];
-    const A pr = N::prob_from_lse_(fb_dot(kv, qr, p.D, lane) * sl2, static_cast<A>(lse[i]) * N::kLog2e_);
-    const A ds = N::grad_score_(pr, fb_dot(vv, dor, p.D, lane), delta[i]);
+    const A pr = prob_from_lse(fb_dot(kv, qr, p.D, lane) * sl2, static_cast<A>(lse[i]) * kLog2e);
+    const A ds = grad_score(pr, fb_dot(vv, dor, p.D, lane), delta[i]);
 #pragma unroll
     for (int c = 0; c < kFbPer; ++c) {
       const int64_t d = lane + 32 * c;
@@ -986,8 +969,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 void check_cuda_dtype(const char* op, const at::Tensor& q) {
   const auto st = q.scalar_type();
   TORCH_CHECK(q.is_cuda(), op, " (CUDA): q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble, op,
-              " (CUDA): q must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat, op,
+              " (CUDA): q must be float16, bfloat16 or float32 (the fp32 test path), got ", st);
 }
 
 void check_tc_head_dim(const char* op, int64_t D, at::ScalarType st) {
@@ -1133,15 +1116,9 @@ std::tuple<at::Tensor, at::Tensor> joint_attention_cuda(const at::Tensor& q, con
   p.Lq = Lq;
   p.Lk = Lk;
   p.D = D;
-  p.scale = scale;
-  const unsigned blocks = fallback_blocks(B * H * Lq, op);
-  AT_DISPATCH_SWITCH(st, "joint_attention_cuda_fallback", AT_DISPATCH_CASE(at::kFloat, [&] {
-                       joint_attention_fwd_fallback_kernel<float, float><<<blocks, 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
-                       joint_attention_fwd_fallback_kernel<double, double><<<blocks, 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }));
+  p.scale = static_cast<float>(scale);
+  joint_attention_fwd_fallback_kernel<<<fallback_blocks(B * H * Lq, op), 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
 
@@ -1175,17 +1152,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_attention_backward_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // ---- delta = rowsum(dO∘O) − grad_lse ----
-  const at::Tensor delta = at::empty({B, H, Lq}, q.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat));
+  const at::Tensor delta = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   {
     const int64_t rows = B * H * Lq;
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, 8), sms * 16));
     const float* gl = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "joint_attention_bwd_delta", [&] {
-      using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      joint_attention_bwd_delta_kernel<scalar_t, A><<<blocks, 256, 0, stream>>>(
+    COGVX_DISPATCH_FLOAT_HALF_BF16(st, "joint_attention_bwd_delta", [&] {
+      joint_attention_bwd_delta_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-          out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2), gl, delta.data_ptr<A>(), H, Lq, D,
+          out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2), gl, delta.data_ptr<float>(), H, Lq, D,
           rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -1239,35 +1215,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_attention_backward_cuda(
   copy_strides3(v, p.vs);
   copy_strides3(grad_out, p.dos);
   p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr();
+  p.delta = delta.data_ptr<float>();
   p.B = B;
   p.H = H;
   p.Lq = Lq;
   p.Lk = Lk;
   p.D = D;
-  p.scale = scale;
-  AT_DISPATCH_SWITCH(st, "joint_attention_backward_cuda_fallback", AT_DISPATCH_CASE(at::kFloat, [&] {
-                       p.out = dq.data_ptr();
-                       joint_attention_bwd_dq_fallback_kernel<float, float>
-                           <<<fallback_blocks(B * H * Lq, op), 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       p.out = dk.data_ptr();
-                       p.out2 = dv.data_ptr();
-                       joint_attention_bwd_dkdv_fallback_kernel<float, float>
-                           <<<fallback_blocks(B * H * Lk, op), 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
-                       p.out = dq.data_ptr();
-                       joint_attention_bwd_dq_fallback_kernel<double, double>
-                           <<<fallback_blocks(B * H * Lq, op), 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       p.out = dk.data_ptr();
-                       p.out2 = dv.data_ptr();
-                       joint_attention_bwd_dkdv_fallback_kernel<double, double>
-                           <<<fallback_blocks(B * H * Lk, op), 256, 0, stream>>>(p);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }));
+  p.scale = static_cast<float>(scale);
+  p.out = dq.data_ptr();
+  joint_attention_bwd_dq_fallback_kernel<<<fallback_blocks(B * H * Lq, op), 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.out = dk.data_ptr();
+  p.out2 = dv.data_ptr();
+  joint_attention_bwd_dkdv_fallback_kernel<<<fallback_blocks(B * H * Lk, op), 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
+}
+
+// Shared memory per block of the bf16/fp16 kernels at head dim D (64 or 128): forward, backward
+// dK/dV, backward dQ (deterministic path). Read by ops.cpp into cogvx_kernels._C.cuda_smem.
+void smem_bytes(int D, int (&out)[3]) {
+  out[0] = D == 64 ? fwd_smem_bytes<64>() : fwd_smem_bytes<128>();
+  out[1] = D == 64 ? dkdv_smem_bytes<64>() : dkdv_smem_bytes<128>();
+  out[2] = D == 64 ? dq_smem_bytes<64>() : dq_smem_bytes<128>();
 }
 
 }  // namespace gpu

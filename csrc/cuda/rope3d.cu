@@ -49,6 +49,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/rope3d.h"
 
 namespace cogvx {
@@ -160,24 +161,6 @@ struct PairBits<float> {
   static __device__ __forceinline__ T second(W w) { return hi(w); }
 };
 
-template <>
-struct PairBits<double> {
-  using T = double;
-  using W = uint4;
-  static __device__ __forceinline__ float lo(W w) { return static_cast<float>(first(w)); }
-  static __device__ __forceinline__ float hi(W w) { return static_cast<float>(second(w)); }
-  static __device__ __forceinline__ W pack(float a, float b) { return join(a, b); }
-  static __device__ __forceinline__ W join(T a, T b) {
-    return make_uint4(static_cast<unsigned>(__double2loint(a)), static_cast<unsigned>(__double2hiint(a)),
-                      static_cast<unsigned>(__double2loint(b)), static_cast<unsigned>(__double2hiint(b)));
-  }
-  static __device__ __forceinline__ T first(W w) {
-    return __hiloint2double(static_cast<int>(w.y), static_cast<int>(w.x));
-  }
-  static __device__ __forceinline__ T second(W w) {
-    return __hiloint2double(static_cast<int>(w.w), static_cast<int>(w.z));
-  }
-};
 
 // Hides a value's origin from the optimiser: what is computed from it afterwards is recomputed
 // instead of being kept alive from before (fewer registers across the row reductions).
@@ -792,7 +775,7 @@ void rope3d_launch(const char* op, const at::Tensor& x, const at::Tensor& tables
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool vec = pair_vec_ok(x) && pair_vec_ok(out);
   const Str4 xs = strides_of(x), os = strides_of(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope3d_cuda", [&] {
+  COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rope3d_cuda", [&] {
     dispatch_ppl(w.D, [&](auto ppl) {
       constexpr int PPL = decltype(ppl)::value;
       constexpr int R = rows_per_step<scalar_t, PPL>();
@@ -860,7 +843,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool vec = pair_vec_ok(x);
   const Str4 xs = strides_of(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "qk_norm_rope3d_cuda", [&] {
+  COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "qk_norm_rope3d_cuda", [&] {
     dispatch_ppl(w.D, [&](auto ppl) {
       constexpr int PPL = decltype(ppl)::value;
       constexpr int R = rows_per_step<scalar_t, PPL>();
@@ -906,7 +889,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_backward_cuda(
   const bool vec = pair_vec_ok(x) && pair_vec_ok(grad_out);
   const Str4 gs = strides_of(grad_out), xs = strides_of(x);
   const Stats st{mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), strides_of(mean), strides_of(rstd)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "qk_norm_rope3d_backward_cuda", [&] {
+  COGVX_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "qk_norm_rope3d_backward_cuda", [&] {
     dispatch_ppl(w.D, [&](auto ppl) {
       constexpr int PPL = decltype(ppl)::value;
       constexpr int R = rows_per_step<scalar_t, PPL>();
