@@ -31,6 +31,20 @@ def _registered_kernels() -> frozenset[tuple[str, str]]:
 NATIVE_KERNELS = _registered_kernels()
 
 
+def _build_facts():
+    """(CUDA arch list, CUDA kernels' shared memory) the extension was built with: the module
+    attributes `cuda_arch_list` ("8.0,9.0+PTX"; "" without CUDA kernels) and `cuda_smem`
+    ({op: {head_dim: {kernel: bytes}}}), see csrc/ops.cpp. (None, None) when `_C` does not load or
+    predates them."""
+    if LOAD_ERROR is not None:
+        return None, None
+    from . import _C
+    return getattr(_C, "cuda_arch_list", None), getattr(_C, "cuda_smem", None)
+
+
+CUDA_ARCH_LIST, CUDA_SMEM = _build_facts()
+
+
 def load_error() -> str | None:
     """None when `_C` loaded, else why not (shown by `python -m cogvx_kernels.info`)."""
     return LOAD_ERROR

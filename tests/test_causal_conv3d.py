@@ -11,7 +11,7 @@ import torch
 import cogvx_kernels
 from cogvx_kernels import _registry
 from cogvx_kernels.reference.causal_conv3d import causal_conv3d as reference
-from parity import assert_close, backend_params, implementation
+from parity import assert_close, backend_params, implementation, tolerance
 
 OP = "causal_conv3d"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -91,7 +91,7 @@ def test_parity_with_reference(backend, device, case, dtype):
     ref_leaves = [t.detach().float().requires_grad_() if t is not None else None for t in (x, w, b, h)]
     pad = padding or (w.shape[3] // 2, w.shape[4] // 2)
     y_ref = reference(*ref_leaves, *pad)
-    tol = impl.tolerances[dtype]
+    tol = tolerance(OP, backend, dtype)
     assert_close(y, y_ref, tol, f"{backend} forward")
 
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -210,8 +210,9 @@ def test_backend_must_be_a_backend_name(backend, monkeypatch):
     another spelling or type; the error lists the backends."""
     monkeypatch.delenv("COGVX_BACKEND", raising=False)
     x, w, *_ = make_inputs(CASES[0], torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"backend must be one of cuda, cpu, triton, reference \(or None for the "
-                                         r"automatic choice\); backend is " + re.escape(repr(backend))):
+    names = ", ".join(_registry.BACKENDS)  # cuda, cpu, sdpa, triton, reference
+    with pytest.raises(ValueError, match=re.escape(f"backend must be one of {names} (or None for the automatic "
+                                                   f"choice); backend is {backend!r}")):
         cogvx_kernels.causal_conv3d(x, w, backend=backend)
 
 

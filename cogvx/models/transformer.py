@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cogvx_kernels._registry import BACKENDS
+from cogvx_kernels import _registry
 from cogvx_kernels.nn import JointAttention, Rope3D
 
 from .. import loading
@@ -27,8 +27,9 @@ DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 def check_backend(backend: str | None) -> str | None:
     """A kernel backend name the ops know, or None (automatic); refused here, at construction,
     rather than at the first forward."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None (automatic); got {backend!r}")
+    names = _registry.common_backends()  # every op of the model has them (not e.g. attention-only sdpa)
+    if backend is not None and backend not in names:
+        raise ValueError(f"backend must be one of {', '.join(names)} or None (automatic); got {backend!r}")
     return backend
 
 

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from .. import _registry
+from .. import _extension, _registry
 from ..reference.joint_attention import joint_attention as reference_joint_attention
+from ..sdpa.joint_attention import accepts as _sdpa_accepts
 from ._checks import check_fp32_positive, check_like, check_tensor
 
 OP = "joint_attention"
@@ -116,23 +117,33 @@ def _register_native():
                                     setup_context=_setup_context)
 
 
-@torch.library.custom_op("cogvx::joint_attention_triton", mutates_args=())
-def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton import joint_attention as kernels
-    return kernels.forward(q, k, v, scale)
+def _python_backend(name: str, kernels_module: str):
+    """The custom ops `cogvx::joint_attention_<name>` (+ `_backward`) of a Python backend whose module
+    (relative to cogvx_kernels) has `forward(q, k, v, scale)` and `backward(grad_out, q, k, v, out,
+    lse, grad_lse, scale, deterministic)`: fake impls and autograd as the native op's."""
+    import importlib
+
+    def kernels():
+        return importlib.import_module(kernels_module, package="cogvx_kernels")
+
+    @torch.library.custom_op(f"cogvx::joint_attention_{name}", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels().forward(q, k, v, scale)
+
+    @torch.library.custom_op(f"cogvx::joint_attention_{name}_backward", mutates_args=())
+    def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, grad_lse: Optional[torch.Tensor], scale: float,
+                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels().backward(grad_out, q, k, v, out, lse, grad_lse, scale, deterministic)
+
+    forward.register_fake(_forward_fake)
+    backward.register_fake(_backward_fake)
+    forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
+    return forward
 
 
-@torch.library.custom_op("cogvx::joint_attention_triton_backward", mutates_args=())
-def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, grad_lse: Optional[torch.Tensor], scale: float,
-                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import joint_attention as kernels
-    return kernels.backward(grad_out, q, k, v, out, lse, grad_lse, scale, deterministic)
-
-
-_triton_forward.register_fake(_forward_fake)
-_triton_backward.register_fake(_backward_fake)
-_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
+_triton_forward = _python_backend("triton", ".triton.joint_attention")
+_sdpa_forward = _python_backend("sdpa", ".sdpa.joint_attention")
 
 
 def _native_forward(q, k, v, scale):
@@ -142,11 +153,11 @@ def _native_forward(q, k, v, scale):
 # ---- registry ---------------------------------------------------------------------------------
 
 def _head_dims(*allowed: int, max_fp32: int | None = None):
-    """`accepts` check: the head dims a backend's kernels are built for (fp32/fp64 fallbacks of
-    the CUDA kernels take any D up to max_fp32)."""
+    """`accepts` check: the head dims a backend's kernels are built for (the fp32 test path of the
+    CUDA kernels takes any D up to max_fp32)."""
     def accepts(q, k, v):
         D = q.shape[-1]
-        if D in allowed or (max_fp32 is not None and q.dtype in (torch.float32, torch.float64) and D <= max_fp32):
+        if D in allowed or (max_fp32 is not None and q.dtype == torch.float32 and D <= max_fp32):
             return None
         return f"head dim D={D} is not supported (supported: {', '.join(map(str, allowed))})"
     return accepts
@@ -158,20 +169,30 @@ def _triton_accepts(q, k, v):
     return _head_dims(16, 32, 64, 128)(q, k, v)
 
 
-# Forward tolerances (atol, rtol) against the reference in fp32 on the same (rounded) inputs: the GPU
-# kernels round P to the input dtype before P·V (FlashAttention's scheme); the reference and the CPU
-# kernel keep it in fp32.
-_HALF_TOL = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+def _cuda_shared_memory(q, k, v, *, backward: bool) -> dict[str, int]:
+    """Dynamic shared memory per block of the tensor-core kernels at q's head dim, as the extension
+    reports it (csrc/cuda/joint_attention.cu): the forward's, and the backward's (dK/dV and the
+    deterministic dQ kernel: deterministic mode may change before the backward runs) when it runs.
+    The fp32 test path uses no dynamic shared memory."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    table = (_extension.CUDA_SMEM or {}).get(OP, {}).get(q.shape[-1], {})
+    return {kernel: need for kernel, need in table.items() if backward or kernel == "forward"}
+
+
+_HALF = (torch.bfloat16, torch.float16)
 _registry.register(_registry.Implementation(
-    OP, "reference", reference_joint_attention,
-    tolerances={torch.float32: (0.0, 0.0), torch.float64: (0.0, 0.0), **_HALF_TOL}))
+    OP, "reference", reference_joint_attention, dtypes=(torch.float32, torch.float64) + _HALF))
+_registry.register(_registry.Implementation(  # any head dim; no atomics
+    OP, "cpu", _native_forward, dtypes=(torch.float32,) + _HALF, native_op=OP))
 _registry.register(_registry.Implementation(
-    OP, "cpu", _native_forward, native_op=OP,  # any head dim
-    tolerances={torch.float32: (1e-5, 1e-5), **_HALF_TOL}))
+    # fp32: the one-warp-per-row CUDA-core test path, run only when backend="cuda" is named
+    OP, "cuda", _native_forward, dtypes=_HALF, dtypes_on_request=(torch.float32,), native_op=OP,
+    accepts=_head_dims(64, 128, max_fp32=256), shared_memory=_cuda_shared_memory, deterministic="on request"))
 _registry.register(_registry.Implementation(
-    OP, "cuda", _native_forward, native_op=OP, accepts=_head_dims(64, 128, max_fp32=256),
-    tolerances={torch.float32: (1e-5, 1e-5), **_HALF_TOL}))
+    # the fp32 path on CUDA (see _registry's docstring for why)
+    OP, "sdpa", _sdpa_forward, dtypes=(torch.float32,), accepts=_sdpa_accepts, deterministic="on request"))
 _registry.register(_registry.Implementation(
-    OP, "triton", _triton_forward, accepts=_triton_accepts,
-    # fp32 dots use TF32 on GPUs only when torch.backends.cuda.matmul.allow_tf32 is set
-    tolerances={torch.float32: (1e-4, 1e-4), **_HALF_TOL}))
+    # fp32 dots use TF32 on GPUs only when torch.backends.cuda.matmul.allow_tf32 is set; the backward
+    # is always the deterministic one
+    OP, "triton", _triton_forward, dtypes=_HALF + (torch.float32,), accepts=_triton_accepts))
