@@ -1,7 +1,7 @@
 """The `cogvx` command line (also `python -m cogvx`).
 
     cogvx generate --prompt "a red cat walking" [--model FOLDER] [--out out.mp4] ...
-    cogvx info
+    cogvx info [--check [--quick] [--device cuda]]
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
     cogvx plot-log runs/vae-tiny/log.csv --out curves.png
@@ -124,7 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
     g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
-    sub.add_parser("info", help="versions, backends built, device, memory")
+    i = sub.add_parser("info", help="versions, backends built, device, memory; --check: the kernels' self-check")
+    i.add_argument("--check", action="store_true",
+                   help="run every available kernel backend against the reference on this device and print a "
+                        "table (exit status 1 if any failed)")
+    i.add_argument("--quick", action="store_true", help="with --check: only the backends and dtypes automatic "
+                                                         "choice uses (the pipeline's cached check)")
+    i.add_argument("--device", help="with --check: the device to check (default: cuda when present, else cpu)")
     t = sub.add_parser("train-vae", help="train the 3D causal VAE (also under torchrun: DDP or context parallel)")
     t.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
@@ -419,11 +425,11 @@ def generate(args) -> int:
     return 0
 
 
-def info(_args) -> int:
+def info(args) -> int:
     import torch
 
     import cogvx
-    from cogvx_kernels.info import collect
+    from cogvx_kernels.info import check, collect
 
     data = collect()
     data["cogvx"] = cogvx.__version__
@@ -431,6 +437,8 @@ def info(_args) -> int:
         free, total = torch.cuda.mem_get_info()
         data["gpu_memory_gib"] = dict(free=round(free / 2**30, 1), total=round(total / 2**30, 1))
     print(json.dumps(data, indent=2, default=str))
+    if getattr(args, "check", False):
+        return check(args.device, args.quick)
     return 0
 
 

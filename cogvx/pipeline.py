@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cogvx_kernels import self_check
 
 from ._progress import progress_bar
 from ._random import randn
@@ -135,6 +136,8 @@ class Pipeline:
         diffusers; a learned position table fixes it to the model's max_text_seq_length)."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds")
+        if self.device.type == "cuda":  # our kernels on this GPU: checked once per (device, build), cached
+            self_check.ensure(self.device)
         c, spatial = self.transformer.config, self.vae.config.spatial_factor
         height = c.sample_height * spatial if height is None else height  # 0 is an error, not "the default"
         width = c.sample_width * spatial if width is None else width
