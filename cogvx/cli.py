@@ -1,6 +1,7 @@
 """The `cogvx` command line (also `python -m cogvx`).
 
     cogvx generate --prompt "a red cat walking" [--model FOLDER] [--out out.mp4] ...
+    torchrun --nproc_per_node=4 -m cogvx generate ... --parallel "cfg=2,ulysses=2,ring=1"
     cogvx info [--check [--quick] [--device cuda]]
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
@@ -10,6 +11,12 @@ Errors from bad input end the run with one line on stderr (no traceback) and exi
 can be checked without the weights (flags, output path, sizes against memory, input files, weight
 file headers) is checked before the model loads. Nothing is left half-written: the video goes to a
 temporary file renamed into place at the end, also on Ctrl-C and SIGTERM.
+
+Under torchrun, `generate --parallel PLAN` splits the work over the ranks (cogvx.parallel; gloo for
+--device cpu, NCCL for cuda): bad input is refused by every rank alike, before anything loads, with
+the one line from rank 0 only and exit status 2 on every rank; rank 0 writes the video. A rank that
+fails ends every rank (exit status 1, a line naming the failed rank); collectives time out after
+COGVX_DIST_TIMEOUT seconds (default 600).
 """
 from __future__ import annotations
 
@@ -124,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
     g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
+    g.add_argument("--parallel", default=None, metavar="PLAN",
+                   help='under torchrun: how the ranks split the work, e.g. "cfg=2,ulysses=2,ring=1" (the product '
+                        "is the number of processes; cfg=2 needs --guidance > 1; ulysses divides the heads)")
     i = sub.add_parser("info", help="versions, backends built, device, memory; --check: the kernels' self-check")
     i.add_argument("--check", action="store_true",
                    help="run every available kernel backend against the reference on this device and print a "
@@ -361,20 +371,18 @@ def _preflight(args, model: Path, device: str, conditions: dict) -> None:
 
 
 def generate(args) -> int:
-    import numpy as np
     import torch
-    from safetensors import SafetensorError
-
-    from .pipeline import Pipeline
 
     _check_output(args.out)
     model = args.model or DEFAULT_MODEL
     if not (Path(model) / "model_index.json").is_file():
         raise UsageError(f"{model} is not a CogVideoX pipeline folder (no model_index.json)")
-    if args.model is None:
+    plan = _check_parallel(args, Path(model))
+    lead = _rank() == 0  # notes, warnings and the result from one rank only
+    if args.model is None and lead:
         print("note: using the embedded tiny CogVideoX with random weights (no trained small model exists yet): "
               "expect noise-like motion, not your prompt", file=sys.stderr)
-    if args.strength is not None and args.video is None:
+    if args.strength is not None and args.video is None and lead:
         print("warning: --strength is ignored without --video", file=sys.stderr)
     conditions = {}  # read before the model loads: an unreadable input fails fast
     if args.image is not None:
@@ -385,12 +393,70 @@ def generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
+    if plan is not None and device == "cuda":  # this rank's GPU, for the memory check too
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                             "start at most one process per GPU")
+        torch.cuda.set_device(local)
     _preflight(args, Path(model), device, conditions)
+    if plan is None:
+        return _generate(args, model, device, conditions, None)
+    from .parallel import runtime
+
+    owns_group = runtime.init_process_group(device)
+    try:
+        with runtime.FailureGuard(passthrough=(UsageError,)):
+            return _generate(args, model, device, conditions, plan)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_parallel(args, model: Path):
+    """The --parallel plan checked against the launch (WORLD_SIZE), the model's head count and the
+    guidance, from the config alone; None for a one-process run."""
+    from .parallel.plan import ParallelPlan, PlanError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel is None:
+        if world > 1:
+            raise UsageError(f"running as {world} processes (WORLD_SIZE={world}) without --parallel: pass a plan "
+                             f"such as --parallel \"cfg=2\" or --parallel \"ulysses={world}\"")
+        return None
+    from . import loading
+    from .models import transformer as transformer_module
+    from .parallel import runtime
+
+    try:
+        runtime.timeout()  # a bad COGVX_DIST_TIMEOUT, named now
+        plan = ParallelPlan.parse(args.parallel)
+        config = loading.read_config(model / "transformer", transformer_module.TransformerConfig,
+                                     transformer_module.DIFFUSERS_CLASS)
+        plan.check(world=world, heads=config.num_attention_heads, guided=args.guidance > 1)
+    except (PlanError, OSError, ValueError) as exc:
+        raise UsageError(("--" if isinstance(exc, PlanError) else "") + _first_line(exc)) from None
+    return plan if world > 1 else None
+
+
+def _generate(args, model, device: str, conditions: dict, plan) -> int:
+    import numpy as np
+    import torch
+    from safetensors import SafetensorError
+
+    from .pipeline import Pipeline
+
+    lead = _rank() == 0
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
     start = time.perf_counter()
     try:
         pipe = Pipeline.from_pretrained(model, dtype=dtype, device=device, scheduler=args.scheduler,
-                                        offload_text_encoder=args.offload)
+                                        offload_text_encoder=args.offload,
+                                        parallel=None if plan is None else str(plan))
     except (OSError, ValueError, SafetensorError) as exc:  # bad files in the folder (OSError: FileNotFoundError too)
         raise UsageError(_first_line(exc)) from None
     load = time.perf_counter() - start
@@ -407,10 +473,12 @@ def generate(args) -> int:
                           width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           use_dynamic_cfg=args.dynamic_cfg, generator=generator, output_type="np",
                           **conditions).frames[0]
-        for w in caught:
+        for w in caught if lead else ():
             print(f"warning: {w.message}", file=sys.stderr)
     except ValueError as exc:
         raise UsageError(_first_line(exc)) from None
+    if not lead:  # rank 0 writes the video
+        return 0
     timings = {"load": load, **pipe.timings}
     fps = args.fps if args.fps is not None else 16 if pipe.transformer.config.patch_size_t else 8  # 1.5: 16 fps
     shape = frames.shape
@@ -575,7 +643,8 @@ def main(argv=None) -> int:
         return {"generate": generate, "info": info, "train-vae": train_vae, "cache-latents": cache_latents,
                 "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
-        print(f"cogvx: error: {exc}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun every rank refuses alike: one line
+            print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
         print("cogvx: terminated; nothing written", file=sys.stderr)

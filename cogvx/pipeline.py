@@ -4,6 +4,12 @@ scheduler (classifier-free guidance, cond/uncond batched) -> VAE decode -> frame
 `Pipeline.__call__` follows diffusers' `CogVideoXPipeline.__call__` (same arguments, same output
 layouts) and draws random numbers exactly as it does, so a seeded run equals diffusers' for the same
 `torch.Generator`.
+
+Multi-rank (inside torchrun): `Pipeline.from_pretrained(folder, parallel="cfg=2,ulysses=2")` splits
+the transformer's work over the ranks (cogvx.parallel: CFG and sequence parallelism) and decodes (and,
+for image/video-to-video, encodes) with the context-parallel VAE; every rank runs the same call with
+the same arguments and gets the same result (a seeded run equals the one-process run whose VAE
+chunking is "whole").
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from cogvx_kernels import self_check
 
 from ._progress import progress_bar
 from ._random import randn
-from .loading import read_json, resolve_device, resolve_dtype
+from .loading import read_config, read_json, resolve_device, resolve_dtype
 from .models import CausalVAE, Transformer3D
+from .models.transformer import DIFFUSERS_CLASS as TRANSFORMER_CLASS, TransformerConfig
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
 from .text import MAX_TOKENS, TextEncoder
 
@@ -46,15 +53,22 @@ class Pipeline:
         self.timings: dict[str, float] = {}  # seconds per phase of the last call
         self._vae_folder: Path | None = None  # where the encoder loads from when first needed
         self._encoder_vae: CausalVAE | None = None
+        self.parallel = None  # a cogvx.parallel.ParallelRun on several ranks (from_pretrained(parallel=...))
 
     @classmethod
     def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype | str | None = torch.bfloat16, device=None,
-                        scheduler: str | None = None, offload_text_encoder: bool = False) -> "Pipeline":
+                        scheduler: str | None = None, offload_text_encoder: bool = False,
+                        parallel: str | None = None) -> "Pipeline":
         """A diffusers-layout folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
         scheduler/. `scheduler` "ddim" / "dpm" overrides the folder's scheduler class (its schedule
         settings are kept). `dtype`: a torch dtype or a name ("bf16", "fp32", ...; None keeps the
-        transformer checkpoint's), checked with `device` before anything loads."""
-        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        transformer checkpoint's), checked with `device` before anything loads.
+
+        `parallel` (inside torchrun): a plan such as "cfg=2,ulysses=2,ring=1" whose product is the
+        world size (cogvx.parallel.ParallelPlan), checked before anything loads; the process group is
+        initialised if it is not (NCCL on cuda, gloo on cpu, with COGVX_DIST_TIMEOUT), and on cuda
+        each rank takes the GPU of its LOCAL_RANK unless `device` names one."""
+        dtype = resolve_dtype(dtype)
         root = Path(root)
         if not (root / "model_index.json").is_file():
             raise FileNotFoundError(f"{str(root)!r} is not a CogVideoX pipeline folder (no model_index.json)")
@@ -66,6 +80,14 @@ class Pipeline:
         if index.get("_class_name") not in (None, "CogVideoXPipeline", "CogVideoXImageToVideoPipeline",
                                              "CogVideoXVideoToVideoPipeline"):
             warnings.warn(f"{root}: model_index.json names {index.get('_class_name')}; loading it as CogVideoX")
+        run = None
+        if parallel is not None:
+            from .parallel import ParallelRun
+
+            config = read_config(root / "transformer", TransformerConfig, TRANSFORMER_CLASS)
+            run = ParallelRun.start(parallel, device, heads=config.num_attention_heads)
+            device = run.device
+        device = resolve_device(device)
         transformer = Transformer3D.from_pretrained(root / "transformer", dtype=dtype, device=device)
         dtype = transformer.proj_out.weight.dtype  # None: the transformer checkpoint's, for every part
         vae = CausalVAE.from_pretrained(root / "vae", dtype=dtype, device=device, parts=("decoder",))
@@ -73,6 +95,8 @@ class Pipeline:
         pipe = cls(transformer, vae, text_encoder, load_scheduler(root / "scheduler", scheduler),
                    offload_text_encoder=offload_text_encoder)
         pipe._vae_folder = root / "vae"
+        if run is not None and run.world > 1:
+            pipe.parallel = run.attach(transformer)
         return pipe
 
     @property
@@ -174,6 +198,13 @@ class Pipeline:
         prompt, negative_prompt = self._check(prompt, negative_prompt, num_frames, height, width, guidance_scale,
                                               output_type)
         guided = guidance_scale > 1.0
+        if self.parallel is not None:  # a split this call cannot run on; the ranks' random draws made alike
+            ratio, p = int(self.vae.config.temporal_compression_ratio), c.patch_size
+            latent_frames = (num_frames - 1) // ratio + 1
+            steps = -(-latent_frames // c.patch_size_t) if c.patch_size_t else latent_frames
+            self.parallel.check_call(guided=guided, video_tokens=steps * (height // spatial // p) * (width // spatial // p))
+            generator = self.parallel.shared_generator(generator)
+            progress = progress and self.parallel.rank == 0
         clock = time.perf_counter()
         if prompt_embeds is None:
             if guided and negative_prompt is None:
@@ -216,11 +247,12 @@ class Pipeline:
         ofs = latents.new_full((1,), 2.0) if c.ofs_embed_dim else None
 
         dpm = isinstance(self.scheduler, DPMScheduler)
+        denoiser = self.transformer if self.parallel is None else self.parallel.transformer
         for i, t in enumerate(progress_bar(timesteps, progress, "denoising")):
             model_input = torch.cat([latents] * 2) if guided else latents
             if condition is not None:
                 model_input = torch.cat([model_input, torch.cat([condition] * 2) if guided else condition], dim=2)
-            velocity = self.transformer(model_input, embeddings, t.expand(model_input.shape[0]), ofs=ofs).float()
+            velocity = denoiser(model_input, embeddings, t.expand(model_input.shape[0]), ofs=ofs).float()
             scale = dynamic_guidance(guidance_scale, t.item(), num_inference_steps) if use_dynamic_cfg \
                 else guidance_scale
             if guided:
@@ -254,7 +286,7 @@ class Pipeline:
     def _encode(self, video: torch.Tensor, generator) -> torch.Tensor:
         """The scaled posterior sample (1, F', C, h, w) of a (1, 3, F, H, W) video: one draw, shared by
         all prompts (diffusers draws once per input video)."""
-        sample = self._encoder().encode(video).sample(generator)
+        sample = self._vae_encode(video).sample(generator)
         return self.scaling_factor * sample.to(self.dtype).permute(0, 2, 1, 3, 4)
 
     def _image_latents(self, image, batch: int, shape: tuple, generator) -> torch.Tensor:
@@ -262,16 +294,26 @@ class Pipeline:
         (divided by the scaling factor instead when the VAE's config says invert_scale_latents)."""
         height, width = shape[3] * self.vae.config.spatial_factor, shape[4] * self.vae.config.spatial_factor
         frame = preprocess([image], height, width).to(self.device, self.dtype)           # (1, 3, 1, H, W)
-        first = self._encoder().encode(frame).sample(generator).to(self.dtype)   # one draw, as diffusers
+        first = self._vae_encode(frame).sample(generator).to(self.dtype)   # one draw, as diffusers
         first = first.permute(0, 2, 1, 3, 4).expand(batch, -1, -1, -1, -1)
         first = (1 / self.scaling_factor) * first if self.vae.config.invert_scale_latents else self.scaling_factor * first
         zeros = torch.zeros((batch, shape[1] - 1, *shape[2:]), device=self.device, dtype=self.dtype)
         return torch.cat([first, zeros], dim=1)
 
+    def _vae_encode(self, video: torch.Tensor):
+        """The posterior of (B, 3, F, H, W) frames: context parallel on several ranks."""
+        if self.parallel is not None:
+            return self.parallel.encode(self._encoder(), video)
+        return self._encoder().encode(video)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1]."""
-        return self.vae.decode((1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4), progress=progress)
+        """(B, F', C, h, w) latents -> (B, 3, F, H, W) video in [-1, 1] (context parallel on several
+        ranks: equal to one process's decode with chunking="whole")."""
+        latents = (1 / self.scaling_factor) * latents.permute(0, 2, 1, 3, 4)
+        if self.parallel is not None:
+            return self.parallel.decode(self.vae, latents)
+        return self.vae.decode(latents, progress=progress)
 
 
 def preprocess(frames, height: int, width: int) -> torch.Tensor:

@@ -260,7 +260,16 @@ class Transformer3D(nn.Module):
         return (self.config.sample_frames - 1) // self.config.temporal_compression_ratio + 1
 
     def forward(self, latents: torch.Tensor, text_embeddings: torch.Tensor, timestep, ofs=None) -> torch.Tensor:
-        c = self.config
+        x, temb, positions = self.embed(latents, text_embeddings, timestep, ofs)
+        text_len = text_embeddings.shape[1]
+        x = self.run_blocks(x, text_len, temb, positions)
+        return self.unpatchify(self.head(x[:, text_len:], temb), latents.shape)
+
+    # the forward's steps, also run one by one by execution schemes outside the model (cogvx.parallel)
+    def embed(self, latents: torch.Tensor, text_embeddings: torch.Tensor, timestep, ofs=None):
+        """-> (x, temb, positions): the joint sequence [text, video] (B, T + N, dim) with its additive
+        positions, the time embedding (B, time_dim), and the video tokens' RoPE positions (pos_t,
+        pos_h, pos_w) or None. Video tokens are ordered (t, h, w) over the patch grid."""
         batch, frames, _, height, width = self._check_inputs(latents, text_embeddings)
         text_len = text_embeddings.shape[1]
         temb = self.time_embedding(self._sinusoid(timestep, "timestep", batch, latents).to(latents.dtype))
@@ -277,15 +286,26 @@ class Transformer3D(nn.Module):
             x = x + table
         x = self.embedding_dropout(x)
         positions = self.rope.positions(frames, height, width, x.device) if self.rope is not None else None
+        return x, temb, positions
 
+    def run_blocks(self, x: torch.Tensor, text_len: int, temb: torch.Tensor, positions) -> torch.Tensor:
+        """The expert blocks over x = [text, video]; `positions` goes to every block's attention."""
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, text_len, temb, positions, use_reentrant=False)
             else:
                 x = block(x, text_len, temb, positions)
+        return x
 
-        video = self.norm_out(self.norm_final(x[:, text_len:]), temb)
-        return self._unpatchify(self.proj_out(video), batch, frames, height, width)
+    def head(self, video: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Video tokens (B, n, dim) -> their patches (B, n, p·p·p_t·C_out): final norms, projection."""
+        return self.proj_out(self.norm_out(self.norm_final(video), temb))
+
+    def unpatchify(self, patches: torch.Tensor, latent_shape) -> torch.Tensor:
+        """(B, N, p·p·p_t·C_out) patches of all video tokens -> (B, F, C_out, H, W) for latents of
+        `latent_shape` (B, F, C, H, W)."""
+        batch, frames, _, height, width = latent_shape
+        return self._unpatchify(patches, batch, frames, height, width)
 
     def _sinusoid(self, t, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=like.device)

@@ -40,6 +40,11 @@ class JointAttention(nn.Module):
     forward(hidden_states (B, N, dim) video, encoder_hidden_states (B, text_len, dim), positions)
     -> (video out, text out); `joint(x, text_len, positions)` takes the concatenated [text, video]. `positions` is (pos_t, pos_h, pos_w) of the video tokens (as
     `Rope3D.positions` gives them) for 3D-RoPE, head dims split 2/8, 3/8, 3/8; None: no rotation.
+
+    `processor`: None, or a callable (attn, x, text_len, positions) -> out that `joint` calls instead
+    of the one-process computation (an execution scheme kept outside the model, e.g. the
+    sequence-parallel attention of cogvx.parallel, which gives `positions` its own meaning). A plain
+    attribute: not a submodule, not in the state dict.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: bool = True, eps: float = 1e-6,
@@ -54,6 +59,7 @@ class JointAttention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=eps) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias)])
         self.axes_dim = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+        self.processor = None
 
     def _qk_transform(self, positions) -> QKTransform:
         def transform(q, k, text_len):
@@ -74,6 +80,8 @@ class JointAttention(nn.Module):
 
     def joint(self, x: torch.Tensor, text_len: int, positions=None) -> torch.Tensor:
         """The same attention on the already concatenated sequence x = [text, video] (B, L, dim)."""
+        if self.processor is not None:
+            return self.processor(self, x, text_len, positions)
         return joint_attend(self, x, text_len, self._qk_transform(positions), self.backend)
 
     def extra_repr(self) -> str:
