@@ -216,14 +216,15 @@ def test_plan_parsing_and_checks():
             plan.check(**kwargs)
 
 
-def _launch(world: int, args: list, env: dict, stderr=None) -> list[subprocess.Popen]:
-    """`python -m cogvx ARGS` as `world` ranks with torchrun's environment but no torchrun agent (its
-    group kill would hide how each rank ends by itself). stderr: one file per rank, or pipes."""
+def _launch(world: int, args: list, env: dict, stderr=None, program=("-m", "cogvx")) -> list[subprocess.Popen]:
+    """`python -m cogvx ARGS` (or another program) as `world` ranks with torchrun's environment but
+    no torchrun agent (its group kill would hide how each rank ends by itself). stderr: one file per
+    rank, or pipes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     stderr = stderr or [subprocess.PIPE] * world
-    return [subprocess.Popen([sys.executable, "-m", "cogvx", *map(str, args)], env={
+    return [subprocess.Popen([sys.executable, *map(str, program), *map(str, args)], env={
         **env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, text=True, stdout=subprocess.PIPE,
         stderr=stderr[rank]) for rank in range(world)]
@@ -286,23 +287,26 @@ def test_cli_under_torchrun_writes_one_file_equal_to_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_others_with_an_error_naming_it(tmp_path):
-    """Two ranks (ring=2) of a long CLI run; rank 1 is killed (SIGKILL) once denoising has begun.
-    Rank 0 must exit with status 1 well within the collectives' timeout (COGVX_DIST_TIMEOUT=60),
-    saying rank 1 stopped, and write nothing."""
+@pytest.mark.parametrize("killed", [1, 0], ids=["rank-1", "rank-0-the-store-host"])
+def test_a_killed_rank_ends_the_others_with_an_error_naming_it(tmp_path, killed):
+    """Two ranks (ring=2) of a long CLI run (plain env:// launch: rank 0 holds the rendezvous
+    store); one is killed (SIGKILL) once denoising has begun. The other must exit with status 1 well
+    within the collectives' timeout (COGVX_DIST_TIMEOUT=60), naming the killed rank, and nothing is
+    written."""
     args = ["generate", "--prompt", "a cat", "--steps", "400", "--frames", "9", "--height", "32", "--width", "48",
             "--seed", "0", "--device", "cpu", "--parallel", "ring=2", "--out", tmp_path / "out.mp4"]
     logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
     ranks = _launch(2, args, _env(COGVX_DIST_TIMEOUT="60"), stderr=logs)
+    survivor = 1 - killed
     try:
         deadline = time.monotonic() + 300
         while "denoising" not in (tmp_path / "rank0.log").read_text():  # tqdm's bar: the steps have begun
             assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
             time.sleep(0.2)
         time.sleep(1.0)
-        ranks[1].send_signal(signal.SIGKILL)
+        ranks[killed].send_signal(signal.SIGKILL)
         start = time.monotonic()
-        ranks[0].wait(timeout=120)
+        ranks[survivor].wait(timeout=120)
         elapsed = time.monotonic() - start
     finally:
         for p in ranks:
@@ -310,9 +314,37 @@ def test_a_killed_rank_ends_the_others_with_an_error_naming_it(tmp_path):
                 p.kill()
         for log in logs:
             log.close()
-    stderr = (tmp_path / "rank0.log").read_text()
-    assert ranks[0].returncode == 1, stderr[-3000:]
-    assert elapsed < 30, f"rank 0 took {elapsed:.1f} s to stop"
+    stderr = (tmp_path / f"rank{survivor}.log").read_text()
+    assert ranks[survivor].returncode == 1, stderr[-3000:]
+    assert elapsed < 30, f"rank {survivor} took {elapsed:.1f} s to stop"
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("cogvx: error: rank 1 stopped responding") and "rank 0 stops" in last, last
+    expected = ("cogvx: error: rank 1 stopped responding" if killed == 1
+                else "cogvx: error: the rendezvous store is unreachable: rank 0 (its host) is gone")
+    assert last.startswith(expected) and f"rank {survivor} stops" in last, last
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_a_failing_or_stuck_rank_ends_every_rank(mode):
+    """Under FailureGuard, rank 1 raises (it reports and exits 1 with a traceback and a line naming
+    itself; rank 0 stops at once, naming it) or stalls while alive (rank 0's all-reduce times out
+    after COGVX_DIST_TIMEOUT=4 s; it says so and reports, and the stalled rank's heartbeat thread ends
+    it): both ranks exit 1, neither hangs."""
+    ranks = _launch(2, [mode], _env(COGVX_DIST_TIMEOUT="4"), program=[HERE / "failure_worker.py"])
+    start = time.monotonic()
+    try:
+        outs = [p.communicate(timeout=60) for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert time.monotonic() - start < 40
+    assert [p.returncode for p in ranks] == [1, 1], outs
+    last = [err.strip().splitlines()[-1] for _, err in outs]
+    if mode == "raise":
+        assert last[1] == "cogvx: error: rank 1 failed: boom at step 3" and "Traceback" in outs[1][1], outs[1][1]
+        assert last[0].startswith("cogvx: error: rank 1 failed: boom at step 3; rank 0 stops"), last[0]
+    else:
+        assert last[0].startswith("cogvx: error: rank 0 failed: a collective timed out or broke while every rank was "
+                                  "alive") and "rank 0 stops" in last[0], last[0]
+        assert last[1].startswith("cogvx: error: rank 0 failed: a collective timed out") and "rank 1 stops" in last[1]

@@ -14,7 +14,11 @@
   connections; a stuck one times out): then the rank names the failed one from the store's reports,
   or else from the heartbeats that stopped, and exits 1 the same way. The heartbeat thread also
   watches the reports, so a rank blocked in a collective that would only time out (NCCL does not
-  notice a dead peer) exits as soon as another rank has reported.
+  notice a dead peer) exits as soon as another rank has reported. A rank whose collective times out
+  while every rank is alive (one is stuck) reports that, so the stuck one is ended too.
+- The store lives in the torchrun agent, or, under a plain env:// launch, in rank 0: there rank 0
+  leaves last (it waits, bounded, for the others to stop or finish), and a rank that loses the store
+  for two heartbeats ends itself, saying its host is gone.
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ def _store_client():
     hosts under a plain env:// launch); torch's default store when the address is unknown."""
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if host and port:
-        return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10))
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
     from torch.distributed.distributed_c10d import _get_default_store
 
     return _get_default_store()
@@ -131,10 +135,15 @@ class FailureGuard:
     def __init__(self, *, passthrough: tuple[type[BaseException], ...] = ()):
         self.passthrough = passthrough
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        agent = bool(os.environ.get("TORCHELASTIC_USE_AGENT_STORE"))
+        self.store_host = "the torchrun agent" if agent else "rank 0"
+        self.hosts_store = not agent and self.rank == 0 and bool(os.environ.get("MASTER_ADDR"))
         self._exiting = threading.Lock()
         self._stop = threading.Event()
+        self._lost = threading.Event()  # the store failed once: its host is gone, do not wait on it again
         self._beats = 0
-        self._store = _store_client()   # the heartbeat thread's
+        self._store = _store_client()        # the main thread's
+        self._beat_store = _store_client()   # the heartbeat thread's (a client is not shared between threads)
         self._thread = threading.Thread(target=self._heartbeat, name="cogvx-heartbeat", daemon=True)
 
     def __enter__(self) -> "FailureGuard":
@@ -142,29 +151,48 @@ class FailureGuard:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, KeyboardInterrupt):
-            self._stop.set()
+        if exc is None:
+            self._leave(timeout().total_seconds(), self._store)
+            return False
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or the launcher's SIGTERM after another rank failed
+            reports = self._safely(lambda: self._reports(self._store), {})
+            if reports:
+                rank, message = min(reports.items())
+                self._exit(f"cogvx: error: rank {rank} failed: {message}; rank {self.rank} stops (terminated)")
+            self._leave(0, self._store)
             return False
         if isinstance(exc, self.passthrough):  # raised alike on every rank, as a rule: the caller prints it
             self._report(_first_line(exc), "usage")
-            self._stop.set()
+            self._leave(SILENCE * HEARTBEAT, self._store)
             return False
         if is_communication_error(exc):
-            self._exit(f"cogvx: error: {self._find_failed()}; rank {self.rank} stops ({_first_line(exc)})")
+            failed = self._find_failed()
+            if failed is None:  # every rank alive: one is stuck; say so to the others, who may be waiting on us
+                failed = (f"rank {self.rank} failed: a collective timed out or broke while every rank was alive "
+                          f"(a rank is stuck; {TIMEOUT_ENV}={timeout().total_seconds():g} s)")
+                self._report(failed.split(": ", 1)[1], "failed")
+            self._exit(f"cogvx: error: {failed}; rank {self.rank} stops ({_first_line(exc)})")
         traceback.print_exception(kind, exc, tb, file=sys.stderr)
         self._report(_first_line(exc), "failed")
         self._exit(f"cogvx: error: rank {self.rank} failed: {_first_line(exc)}")
 
-    # -- the store: reports and heartbeats ------------------------------------------------------------
+    # -- the store: reports, heartbeats, leaving ----------------------------------------------------------
+    def _safely(self, action, default=None):
+        if self._lost.is_set():
+            return default
+        try:
+            return action()
+        except Exception:  # the store (or its host) is gone
+            self._lost.set()
+            return default
+
     def _report(self, message: str, kind: str) -> None:
         """kind "failed": this rank's own failure (the others stop at once); "usage": an error every
         rank raises alike (named only by a rank whose collective then fails)."""
-        try:
-            store = _store_client()
-            store.set(f"{_PREFIX}{kind}/{self.rank}", message)
-            store.add(f"{_PREFIX}{kind}", 1)
-        except Exception:  # the store is gone too: the others will name us by our silence
-            pass
+        def report():
+            self._store.set(f"{_PREFIX}{kind}/{self.rank}", message)
+            self._store.add(f"{_PREFIX}{kind}", 1)
+        self._safely(report)  # without a store the others name us by our silence
 
     def _reports(self, store, kind: str = "failed") -> dict[int, str]:
         if int(store.add(f"{_PREFIX}{kind}", 0)) == 0:
@@ -173,24 +201,33 @@ class FailureGuard:
         return {r: store.get(key).decode(errors="replace") for r, key in keys.items() if store.check([key])}
 
     def _heartbeat(self) -> None:
+        lost = 0
         while not self._stop.wait(HEARTBEAT):
             try:
                 self._beats += 1
-                self._store.set(f"{_PREFIX}beat/{self.rank}", str(self._beats))
-                reports = self._reports(self._store)
+                self._beat_store.set(f"{_PREFIX}beat/{self.rank}", str(self._beats))
+                reports = self._reports(self._beat_store)
+                lost = 0
             except Exception:
-                continue  # the store host is gone: the main thread's collectives will fail and say so
+                lost += 1
+                if lost >= 2 and not self._stop.is_set():
+                    self._lost.set()
+                    self._exit(f"cogvx: error: the rendezvous store is unreachable: {self.store_host} (its host) is "
+                               f"gone; rank {self.rank} stops", self._beat_store)
+                continue
             if reports:  # another rank failed: do not wait for a collective that may only time out
                 rank, message = min(reports.items())
-                self._exit(f"cogvx: error: rank {rank} failed: {message}; rank {self.rank} stops")
+                self._exit(f"cogvx: error: rank {rank} failed: {message}; rank {self.rank} stops", self._beat_store)
 
-    def _find_failed(self) -> str:
+    def _find_failed(self) -> str | None:
         """Who failed: a rank that reported (waiting a little for a report in flight), else the ranks
-        whose heartbeats stopped over SILENCE heartbeats, else what is known."""
+        whose heartbeats stopped over SILENCE heartbeats; None when every rank is alive."""
         others = [r for r in range(self.world) if r != self.rank]
         last, unchanged = {}, dict.fromkeys(others, 0)
+        store = self._store
         try:
-            store = _store_client()
+            if self._lost.is_set():
+                raise ConnectionError("the store was lost")
             for _ in range(SILENCE):
                 for kind in ("failed", "usage"):
                     reports = self._reports(store, kind)
@@ -204,18 +241,45 @@ class FailureGuard:
                     last[r] = value
                 time.sleep(HEARTBEAT)
         except Exception:
-            host = "the torchrun agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") else "rank 0"
-            return f"the rendezvous store (held by {host}) is unreachable: {host} is gone"
+            self._lost.set()
+            return f"the rendezvous store is unreachable: {self.store_host} (its host) is gone"
         silent = [r for r in others if unchanged[r] >= SILENCE - 1]
         if silent:
             return (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding "
                     f"(killed or crashed: no heartbeat for {(SILENCE - 1) * HEARTBEAT:.1f} s)")
-        return "a collective failed with every rank still alive (a rank is stuck or unreachable)"
+        return None
 
-    def _exit(self, message: str) -> None:
+    def _leave(self, wait: float, store) -> None:
+        """Stop beating and mark this rank out. The store's host waits, up to `wait` seconds, until
+        every other rank is out or silent (killed) for SILENCE heartbeats: they may still need the
+        store (to read a report, to beat)."""
+        self._stop.set()
+        self._safely(lambda: store.set(f"{_PREFIX}out/{self.rank}", "1"))
+        if not self.hosts_store:
+            return
+        deadline = time.monotonic() + wait
+        waiting = {r: (None, 0) for r in range(self.world) if r != self.rank}  # rank -> (last beat, unchanged polls)
+        while waiting and time.monotonic() < deadline:
+            for r, (last, unchanged) in list(waiting.items()):
+                if self._safely(lambda: store.check([f"{_PREFIX}out/{r}"]), True):
+                    del waiting[r]
+                    continue
+                beat = self._safely(lambda: store.get(f"{_PREFIX}beat/{r}") if store.check([f"{_PREFIX}beat/{r}"])
+                                    else b"")
+                unchanged = unchanged + 1 if beat == last else 0
+                if unchanged >= SILENCE:
+                    del waiting[r]
+                else:
+                    waiting[r] = (beat, unchanged)
+            time.sleep(HEARTBEAT)
+
+    def _exit(self, message: str, store=None) -> None:
+        """Say `message`, abort the process group, leave (the store's host waits for the others) and
+        exit 1; `store`: the calling thread's client (the main thread's by default)."""
         if not self._exiting.acquire(blocking=False):  # the other thread is already ending the process
             threading.Event().wait()
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
         abort_process_group()
+        self._leave(2 * SILENCE * HEARTBEAT, self._store if store is None else store)
         os._exit(1)
