@@ -150,7 +150,30 @@ def test_transformer_output_equals_one_process(ran):
         with torch.no_grad():
             expected = model(**case["inputs"])
         for rank in range(world):
-            assert_close(results[rank][name], expected, TRANSFORMER_TOL, f"{name}: rank {rank}")
+            assert_close(results[rank][name]["out"], expected, TRANSFORMER_TOL, f"{name}: rank {rank}")
+
+
+@pytest.mark.slow
+def test_bytes_sent_match_the_formula(ran):
+    """The bytes each rank sent in a transformer call (all-to-alls, ring sends, the final gather;
+    measured by wrapping the collectives) equal cogvx.parallel.cost.traffic, the formula of
+    docs/parallelism.md, for that rank's slice (fp32: 4 bytes a value)."""
+    from cogvx.parallel.cost import ModelShape, traffic
+
+    world, inputs, results = ran
+    for name, case in inputs["transformer"].items():
+        model = Transformer3D.from_pretrained(case["folder"])
+        c, latents = model.config, case["inputs"]["latents"]
+        tokens = latents.shape[1] // (c.patch_size_t or 1) * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+        shape = ModelShape("tiny", c.num_layers, c.num_attention_heads, c.attention_head_dim, tokens, TEXT_LEN,
+                           patch_values=c.patch_size ** 2 * (c.patch_size_t or 1) * c.output_channels)
+        for rank in range(world):
+            expected = traffic(case["plan"], shape, guided=True, itemsize=4, rank=rank)
+            sent = results[rank][name]["sent"]
+            assert {k: sent[k] for k in ("ulysses", "ring", "gather")} == \
+                {k: expected[k] for k in ("ulysses", "ring", "gather")}, (name, rank)
+            assert sent["ulysses"] > 0 or "ulysses" not in case["plan"], (name, rank)
+            assert sent["ring"] > 0 or "ring" not in case["plan"], (name, rank)
 
 
 @pytest.mark.slow
