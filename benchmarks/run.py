@@ -7,6 +7,7 @@ run: the `reference` backend, or what the op's module names in `baselines()` (at
         --json benchmarks/results/cpu-causal_conv3d.json --png benchmarks/results/cpu-causal_conv3d.png
     python benchmarks/run.py --quick                      # 1-2 shapes per op, few repeats
     python benchmarks/run.py --save                       # JSON (+PNG) under benchmarks/results/
+    python benchmarks/run.py --distributed                # 1 vs W ranks per parallel plan (benchmarks/distributed.py)
 
 For each (op, shape, backend, pass) it reports the median of timed repetitions after warm-up
 (CUDA events on the GPU, perf_counter on the CPU; the backends' calls interleaved round by round,
@@ -685,8 +686,29 @@ def parse_args(argv=None):
     p.add_argument("--save", action="store_true",
                    help="write JSON (and PNG) to benchmarks/results/<device-name>-<date>.json/.png "
                         "unless --json/--png are given")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-rank inference instead of the ops: one denoising step on 1 rank and on 2 (CPU) or all "
+                        "GPUs per parallel plan, with the bytes each rank sends (benchmarks/distributed.py)")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def run_distributed(args, device: torch.device) -> int:
+    from benchmarks import distributed
+
+    t0 = time.perf_counter()
+    result = distributed.run(device.type, tiny=args.tiny, reps=3 if args.quick or args.tiny else 5)
+    result["header"] = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                            machine=dict(platform=platform.platform(), cpu_model=cpu_model(), cpu_count=os.cpu_count(),
+                                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
+                            torch=torch.__version__, git=_git(), tiny=args.tiny, wall_s=round(time.perf_counter() - t0, 1),
+                            load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    print(distributed.table(result))
+    print(f"({result['header']['wall_s']} s, load average {result['header']['load_average']})")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -705,6 +727,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
+    if args.distributed:
+        return run_distributed(args, device)
 
     ops = list(dict.fromkeys(args.op or BENCHMARKS))
     registered = set(_registry.ops()) | {op for op in BENCHMARKS if hasattr(load_module(op), "contenders")}

@@ -146,3 +146,21 @@ def test_time_interleaved():
     times = time_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=1e-12)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating rounds
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_and_measures_the_formulas_bytes(tmp_path):
+    """`run.py --distributed --tiny` on CPU: one rank, then 2 ranks per plan (gloo); every rank's
+    measured bytes equal cogvx.parallel.cost.traffic's, and the sequence plans send something."""
+    path = tmp_path / "dist.json"
+    r = subprocess.run([sys.executable, RUN, "--distributed", "--tiny", "--device", "cpu", "--json", str(path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(path.read_text())
+    plans = [row["plan"] for row in data["rows"] if row["world"] == 2]
+    assert plans == ["cfg=2", "ulysses=2", "ring=2"]
+    for row in data["rows"]:
+        assert row["median_ms"] > 0 and row["speedup"] > 0
+        if row["world"] == 2:
+            assert row["sent"] == row["formula"] and all(s > 0 for s in row["sent"]), row
+    assert "measured / formula" in r.stdout
