@@ -58,6 +58,10 @@ class ParallelTransformer:
         latents, text_embeddings, timestep = self._cfg_half(latents, text_embeddings, timestep)
         model, text_len = self.model, text_embeddings.shape[1]
         x, temb, positions = model.embed(latents, text_embeddings, timestep, ofs)
+        if self.plan.sequence == 1:  # CFG only: the one-process blocks on this rank's half
+            patches = model.head(model.run_blocks(x, text_len, temb, positions)[:, text_len:], temb)
+            return model.unpatchify(self._gather(patches, [patches.shape[1]]), (latents.shape[0] * self.plan.cfg,
+                                                                                 *latents.shape[1:]))
         sizes = token_split(x.shape[1] - text_len, self.plan.sequence)
         start = text_len + sum(sizes[:self.sequence_rank])
         x = torch.cat([x[:, :text_len], x[:, start:start + sizes[self.sequence_rank]]], dim=1)
