@@ -650,7 +650,9 @@ class TransformerTrainConfig:
     def problems(self, vae: VAEConfig | None, transformer: TransformerConfig | None) -> list[str]:
         """What the sections cannot do with the models: frame counts the VAE encodes (1 + r·k), sizes
         the VAE and the patches divide, grids 1.5's RoPE covers, the VAE's latents being the
-        transformer's input. Unknown configs (a pretrained folder not read yet) are CogVideoX's."""
+        transformer's input (when the VAE's config is known). Unknown configs (folders not read yet)
+        are CogVideoX's."""
+        known_vae = vae is not None
         vae, transformer = vae or VAEConfig(), transformer or TransformerConfig()
         ratio, spatial, patch = int(vae.temporal_compression_ratio), vae.spatial_factor, transformer.patch_size
         problems = []
@@ -670,7 +672,9 @@ class TransformerTrainConfig:
                     problems.append(f"{section}.height × width = {height} × {width} gives a {grid[0]} × {grid[1]} "
                                     f"latent grid, larger than this transformer's 3D-RoPE covers ({transformer.sample_height}"
                                     f" × {transformer.sample_width}: sample_height × sample_width)")
-        if transformer.in_channels == 2 * vae.latent_channels and transformer.in_channels != vae.latent_channels:
+        if not known_vae:
+            return problems
+        if transformer.in_channels == 2 * vae.latent_channels:
             problems.append("model: an image-to-video transformer (in_channels = 2 × the VAE's latent channels); "
                             "this trainer trains text-to-video transformers")
         elif transformer.in_channels != vae.latent_channels:
@@ -748,8 +752,9 @@ class TransformerTrainConfig:
         return []
 
     def to_dict(self) -> dict:
-        """The config as a TOML-able dict of sections (what a checkpoint records)."""
-        return {name: getattr(self, name).to_dict() for name in TRANSFORMER_SECTIONS}
+        """The config as a TOML-able dict of sections (what a checkpoint records; [lora] only for LoRA)."""
+        return {name: getattr(self, name).to_dict() for name in TRANSFORMER_SECTIONS
+                if name != "lora" or self.model.finetune == "lora"}
 
 
 def load_transformer_config(path: str | Path) -> TransformerTrainConfig:
