@@ -261,7 +261,7 @@ def test_incompatible_checkpoint_is_a_clear_error_and_kept(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"optimizers: checkpoint \['discriminator', 'vae'\], now \['vae'\]"):
         ckpt.load_checkpoint(folder, models=_models(vae, disc), optimizers={"vae": opts["vae"]}, schedulers=scheds)
     (folder / "discriminator.safetensors").rename(tmp_path / "moved")
-    with pytest.raises(ckpt.CheckpointError, match="incomplete: missing discriminator.safetensors"):
+    with pytest.raises(ckpt.CheckpointError, match="incomplete or of another kind of run: missing discriminator.safetensors"):
         ckpt.load_checkpoint(folder, models=_models(vae, disc), optimizers=opts, schedulers=scheds)
     (tmp_path / "moved").rename(folder / "discriminator.safetensors")
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == files

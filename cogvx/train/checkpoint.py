@@ -296,7 +296,9 @@ def load_checkpoint(folder: str | Path, *, models: dict, optimizers: dict, sched
     missing = [_entry(name, part) for name, part in models.items() if not (folder / _entry(name, part)).is_file()]
     missing += [STATE] if not (folder / STATE).is_file() else []
     if missing:
-        raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in (STATE, CONFIG))
+        raise CheckpointError(f"checkpoint {folder} is incomplete or of another kind of run: missing "
+                              f"{', '.join(missing)} (it holds {', '.join(held) or 'nothing else'})")
     try:
         state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
         saved = {name: _read_part(folder, name, part) for name, part in models.items()}
@@ -308,7 +310,8 @@ def load_checkpoint(folder: str | Path, *, models: dict, optimizers: dict, sched
         config, tensors = saved[name]
         if config is not None:
             problems += [f"{name} config {d}" for d in _differences(config, part.config.to_dict())]
-        problems += _shape_differences(f"{name} tensor", tensors, part.state_dict())
+        shapes = _shape_differences(f"{name} tensor", tensors, part.state_dict())
+        problems += shapes[:5] + ([f"… and {len(shapes) - 5} more {name} tensors"] if len(shapes) > 5 else [])
     if state.get("format") != FORMAT:
         problems.append(f"training state format {state.get('format')!r}, this version reads {FORMAT}")
     if state.get("world_size") != world:
