@@ -343,7 +343,8 @@ def _adam(folder: Path, names: list[str]) -> dict[str, dict]:
     return {name: state[name] if name in state else state[i] for i, name in enumerate(names)}
 
 
-@pytest.mark.parametrize("parallel,mode", [("ddp", "lora"), ("fsdp", "full")])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,mode", [("ddp", "lora"), ("fsdp", "full"), ("fsdp", "lora")])
 def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, parallel, mode):
     """`torchrun --nproc_per_node=2 -m cogvx train` with batch 1 per rank vs one process with batch 2:
     each step's loss and grad norm, AdamW's moments (the gradients) and the weights after each step
@@ -378,6 +379,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, parall
             assert torch.where(sure, b[name] - a[name], 0).abs().max() <= 1e-4, (step, name)
     start = _trained(tmp_path / "one" / "checkpoint-1")
     assert max((a[k] - start[k]).abs().max().item() for k in names) > 1e-3  # step 2 moved them
+    saved = torch.load(tmp_path / "ranks" / "checkpoint-2" / ckpt.STATE, weights_only=True)
+    sharded = all(isinstance(k, str) for k in saved["optimizers"]["transformer"]["state"])
+    assert sharded == (parallel == "fsdp") and saved["world_size"] == 2  # FSDP's state is gathered by name
 
 
 # -- validation ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import contextlib
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +298,10 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
                 if fsdp:
                     transformer.set_requires_gradient_sync(last_micro)
                 sync = model.no_sync() if model is not transformer and not last_micro else contextlib.nullcontext()
-                with sync:
+                with sync, warnings.catch_warnings():
+                    # FSDP2 warns that the root returns a view (in-place ops on it would skip a hook): the
+                    # loss only reads it
+                    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view", UserWarning)
                     with autocast:
                         prediction = model(noisy.to(model_dtype), text.to(model_dtype), timesteps)
                     loss = v_prediction_loss(prediction, latents, noise, timesteps, alphas_cumprod)
