@@ -465,7 +465,9 @@ def write_toml_text(path: Path, text: str) -> Path:
     return path
 
 
-def test_the_tiny_config_trains_the_embedded_pipelines_transformer():
+def test_the_tiny_config_trains_the_embedded_pipelines_transformer(tmp_path):
+    """Its transformer has the embedded pipeline's layout (a trained one can replace it); two steps of
+    it run here, validation videos included."""
     config = load_transformer_config(CONFIGS / "transformer-tiny.toml")
     config.check_files()
     embedded = json.loads((TINY / "transformer" / "config.json").read_text())
@@ -473,6 +475,12 @@ def test_the_tiny_config_trains_the_embedded_pipelines_transformer():
     assert config.pipeline.resolve() == TINY.resolve() and config.data.source == "synthetic:shapes"
     assert (config.data.frames, config.data.height, config.data.width) == (9, 32, 32)
     assert config.train.device == "cpu" and config.validation.prompts
+    short = config.to_dict()
+    short["train"].update(steps=2, checkpoint_every=2)
+    short["validation"]["steps"] = 2
+    result = train_transformer(TransformerTrainConfig.from_dict(short), tmp_path / "run")
+    assert len(result["validation"]) == len(config.validation.prompts)
+    Transformer3D.from_pretrained(result["checkpoint"] / "transformer")  # loads where the embedded one does
 
 
 BAD = [  # (changes, the key the error must name, words it must say)

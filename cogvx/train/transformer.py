@@ -194,8 +194,8 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
         vae_config = config.vae_config()
         vae = text_encoder = None
         if raw or c_val.prompts:  # encoding clips, decoding validation videos
-            parts = ("encoder", "decoder") if raw else ("decoder",)
-            vae = CausalVAE.from_pretrained(config.pipeline / "vae", dtype=frozen_dtype, device=device, parts=parts)
+            vae_parts = ("encoder", "decoder") if raw else ("decoder",)
+            vae = CausalVAE.from_pretrained(config.pipeline / "vae", dtype=frozen_dtype, device=device, parts=vae_parts)
             vae.requires_grad_(False).eval()
         if config.needs_text_encoder():
             text_encoder = TextEncoder.from_pretrained(config.pipeline, dtype=frozen_dtype, device=device)
@@ -213,7 +213,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
                 empty_text = dataset.empty_text.to(device, torch.float32)
         except (OSError, ValueError) as exc:
             raise ConfigError(WHAT, [f"data.{'source' if raw else 'cache'}: {exc}"], config.source) from None
-        if empty_text.shape[-1] != transformer.config.text_embed_dim:
+        if empty_text.shape[-1] != transformer.config.text_embed_dim:  # (T5's width was checked with the files)
             raise ConfigError(WHAT, [f"data.cache: its text embeddings are {empty_text.shape[-1]} wide, the "
                                      f"transformer takes {transformer.config.text_embed_dim}"], config.source)
         prompt_embeds = negative_embeds = None
@@ -223,7 +223,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
             negative_embeds = text_encoder.encode([c_val.negative_prompt] * len(prompts), device=device,
                                                   dtype=torch.float32)
         if not raw:
-            text_encoder = None  # a cache holds the captions' embeddings: T5 is not needed any more
+            text_encoder = None  # a cache holds the captions' embeddings: T5 (XXL: ~9 GB in bf16) is not needed
         validation_sizes = config.sizes(transformer.config, vae_config)["validation"]
 
         # ---- across ranks
