@@ -343,14 +343,17 @@ def _adam(folder: Path, names: list[str]) -> dict[str, dict]:
     return {name: state[name] if name in state else state[i] for i, name in enumerate(names)}
 
 
+LR = 1e-2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel,mode", [("ddp", "lora"), ("fsdp", "full"), ("fsdp", "lora")])
 def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, parallel, mode):
-    """`torchrun --nproc_per_node=2 -m cogvx train` with batch 1 per rank vs one process with batch 2:
-    each step's loss and grad norm, AdamW's moments (the gradients) and the weights after each step
+    """`torchrun --nproc_per_node=2 -m cogvx train` with batch 1 per rank vs one process with batch 2
+    (two micro-batches a step: the ranks synchronise on the second only): each step's loss and grad norm, AdamW's moments (the gradients) and the weights after each step
     agree within fp32 tolerance. FSDP2 (fully_shard per block) runs one step, stops, and resumes for
     the second from its checkpoint (weights and optimiser state gathered to rank 0, re-sharded)."""
-    sections = dict(optim={"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
+    sections = dict(optim={"lr": LR, "warmup_steps": 0, "schedule": "constant", "grad_accumulation": 2},
                     train={"steps": 2, "checkpoint_every": 1, "parallel": parallel})
     if mode == "lora":
         sections.update(lora())
@@ -374,9 +377,12 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, parall
         for name in names:
             ma, mb = sa[name]["exp_avg"], sb[name]["exp_avg"]
             assert (ma - mb).abs().max() <= 1e-4 * ma.abs().max() + 1e-12, (step, name)
-            # AdamW moves a weight by about lr·m/sqrt(v): where sqrt(v) is near rounding, so is the step
+            # AdamW moves each weight by about lr·m/sqrt(v): where sqrt(v) is at rounding level so is the
+            # step's sign, and where m cancels out (step 2) a few elements' steps carry its rounding; the
+            # tensor's steps as a whole agree within 0.1 % of an lr-sized step per element
             sure = sa[name]["exp_avg_sq"].sqrt() > 1e-6
-            assert torch.where(sure, b[name] - a[name], 0).abs().max() <= 1e-4, (step, name)
+            diff = torch.where(sure, b[name] - a[name], 0)
+            assert diff.norm() <= 1e-3 * LR * diff.numel() ** 0.5, (step, name, diff.abs().max())
     start = _trained(tmp_path / "one" / "checkpoint-1")
     assert max((a[k] - start[k]).abs().max().item() for k in names) > 1e-3  # step 2 moved them
     saved = torch.load(tmp_path / "ranks" / "checkpoint-2" / ckpt.STATE, weights_only=True)
