@@ -48,8 +48,11 @@ LOSS = dict(kl=1e-6, lpips=0.1, gan=0.1, gan_kind="hinge", adaptive_max=1e4)
 OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0)
 
 _GPU = [dict(model="real", B=1, F=17, H=256, W=256), dict(model="real", B=1, F=17, H=256, W=256, checkpointing=True)]
-# CPU: the real channels at 9 frames of 32x32 (3 latent frames of 4x4), NOT a training size; and the tiny config
-_CPU = [dict(model="real", B=1, F=9, H=32, W=32), dict(model="tiny", B=2, F=9, H=32, W=32)]
+# CPU: the real channels at 9 frames of 32x32 (3 latent frames of 4x4), NOT a training size, where the weights
+# and AdamW's state dominate memory; the tiny config (configs/vae-tiny.toml), and the tiny config at 17x64x64,
+# where activations do
+_CPU = [dict(model="real", B=1, F=9, H=32, W=32), dict(model="tiny", B=2, F=9, H=32, W=32),
+        dict(model="tiny", B=1, F=17, H=64, W=64)]
 _TINY = [dict(model="tiny", B=1, F=9, H=32, W=32)]
 
 
@@ -68,7 +71,7 @@ SHAPE_SETS = {
     "cuda": ("stage-1 size: 17 frames at 256x256, real channels, bf16 autocast over fp32 weights, random weights; "
              "without and with gradient checkpointing per ResNet block (both models)"),
     "cpu": ("scaled-down CPU set, NOT a training size: real channels at 9 frames of 32x32, and configs/vae-tiny.toml's "
-            "VAE at 9 frames of 32x32 (batch 2)"),
+            "VAE at 9 frames of 32x32 (batch 2) and 17 frames of 64x64 (activations dominate memory)"),
 }
 
 

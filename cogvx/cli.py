@@ -4,6 +4,7 @@
     cogvx info
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx train --config configs/transformer-tiny.toml [--resume] [--out DIR]   (also under torchrun)
+    cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
     cogvx plot-log runs/vae-tiny/log.csv --out curves.png
 
 Errors from bad input end the run with one line on stderr (no traceback) and exit status 2; what
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
     tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     tt.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
+    _add_cache_latents(sub)
     pl = sub.add_parser("plot-log", help="draw a training log's curves (log.csv) into a PNG")
     pl.add_argument("log", type=Path, help="a log.csv written by a trainer")
     pl.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write")
@@ -481,6 +483,77 @@ def _run_trainer(args, load_config, train) -> int:
     return 0
 
 
+def _add_cache_latents(sub) -> None:
+    c = sub.add_parser("cache-latents", help="encode a transformer training config's clips and captions once (VAE "
+                                              "posterior + T5), for training from the cache (also under torchrun)")
+    c.add_argument("--config", type=Path, required=True, help="a transformer training config: its [data] and "
+                                                                "model.pipeline are read")
+    c.add_argument("--out", type=Path, default=None, help="the cache folder (default: the config's data.cache)")
+    c.add_argument("--storage", choices=["fp32", "bf16"], default="fp32", help="dtype of the stored tensors")
+    c.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="dtype the VAE and T5 run in (default: bf16 on cuda, fp32 on cpu)")
+    c.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    c.add_argument("--batch-size", type=_positive_int, default=1, help="clips encoded together")
+    c.add_argument("--shard-size", type=_positive_int, default=256, help="clips a shard file")
+
+
+def cache_latents(args) -> int:
+    """Config errors, missing files and a folder holding another cache: one line, before encoding.
+    Under torchrun every rank encodes its share of the clips; rank 0 writes the manifest."""
+    import torch
+    import torch.distributed as dist
+
+    from .loading import ConfigError
+    from .train.cache import CacheError, LatentCache, cache_latents as cache
+    from .train.config import load_cache_config
+    from .train.data import make_dataset
+
+    try:
+        config = load_cache_config(args.config)
+        config.check_files()
+    except (ConfigError, OSError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    out = args.out if args.out is not None else config.data.cache
+    if out is None:
+        raise UsageError(f"no cache folder: give --out or set data.cache in {args.config}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
+    data = config.data
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        if device == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dataset = make_dataset(data.source, buckets=data.shapes, seed=data.seed,
+                                   length=data.length if data.synthetic else None)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"data.source: {_first_line(exc)}") from None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        try:
+            cache(dataset, config.model.pipeline, out, storage=args.storage, dtype=dtype, device=device,
+                  batch_size=args.batch_size, shard_size=args.shard_size, progress=rank == 0)
+        except (CacheError, ValueError) as exc:
+            raise UsageError(_first_line(exc)) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the whole shards stay and are reused
+            print(f"cogvx: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the shards written so "
+                  f"far in {out} are kept: run the same command again to finish the cache", file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
+        if rank == 0:
+            done = LatentCache(out)
+            print(f"cached {len(done)} clips in {len(done.files)} shards to {out}"
+                  + (f" ({done.skipped} unreadable clips left out)" if done.skipped else ""))
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    return 0
+
+
 def plot_log(args) -> int:
     from .train.log import plot_log as plot
 
@@ -509,7 +582,7 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
         return {"generate": generate, "info": info, "train-vae": train_vae, "train": train_transformer,
-                "plot-log": plot_log}[args.command](args)
+                "cache-latents": cache_latents, "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
         print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2

@@ -292,3 +292,139 @@ def test_split_validation_holds_out_the_last_clips():
     assert len(split_validation(ds, 0)[1]) == 0
     with pytest.raises(ValueError, match="validation clips"):
         split_validation(ds, 10)
+
+
+# -- buckets ----------------------------------------------------------------------------------------
+BUCKETS = [(1, 16, 16), (1, 16, 24), (5, 16, 16), (9, 8, 16)]
+
+
+def test_each_batch_is_one_bucket_at_the_configured_image_ratio():
+    ds = SyntheticShapes(buckets=BUCKETS, seed=0, length=40)
+    batches = Batches(ds, batch_size=3, seed=5, image_ratio=0.3)
+    assert batches.per_epoch == [13] * 4 and batches.shapes == BUCKETS
+    for _ in range(12):
+        bucket = batches.bucket(batches.position)
+        batch = next(batches)
+        frames, height, width = BUCKETS[bucket]
+        assert batch["video"].shape == (3, 3, frames, height, width) and len(batch["caption"]) == 3
+        assert all(("moving" in c) == (frames > 1) for c in batch["caption"])  # a still image shows no motion
+    buckets = np.array([batches.bucket(p) for p in range(2048)])
+    images = np.isin(buckets, [0, 1])
+    # exact per block of 256 positions: round(0.3·256·(k+1)) − round(0.3·256·k) image batches
+    assert [int(images[k * 256:(k + 1) * 256].sum()) for k in range(8)] == \
+        [round(0.3 * 256 * (k + 1)) - round(0.3 * 256 * k) for k in range(8)]
+    assert abs(images.sum() - 0.3 * 2048) <= 0.5  # so whole blocks hold the ratio to half a batch
+    for n in (100, 500, 1000, 2048):  # any prefix within a block's worth of the ratio; long ones within 1 %
+        assert abs(images[:n].mean() - 0.3) < (0.12 if n < 1000 else 0.01), n
+    # within a kind, buckets in proportion to their batches per epoch (equal here): both used about equally
+    assert abs((buckets == 0).sum() - (buckets == 1).sum()) < 0.1 * images.sum()
+    assert abs((buckets == 2).sum() - (buckets == 3).sum()) < 0.1 * (~images).sum()
+    # without a ratio: in proportion to the clips (all buckets hold all 40 clips here: a quarter each)
+    free = np.array([Batches(ds, batch_size=3, seed=5).bucket(p) for p in range(1024)])
+    assert all(abs((free == b).mean() - 0.25) < 0.05 for b in range(4))
+
+
+def test_bucketed_batches_are_deterministic_and_resume_anywhere():
+    ds = SyntheticShapes(buckets=BUCKETS, seed=1, length=20)
+    keys = lambda b, n: [b.keys(p) for p in range(n)]
+    a, b = Batches(ds, batch_size=2, seed=3, image_ratio=0.5), Batches(ds, batch_size=2, seed=3, image_ratio=0.5)
+    assert keys(a, 600) == keys(b, 600)  # several schedule blocks
+    assert keys(a, 50) != keys(Batches(ds, batch_size=2, seed=4, image_ratio=0.5), 50)
+    # a resumed stream (fresh object: nothing cached) continues exactly, also past a block boundary
+    for start in (7, 255, 300):
+        resumed = Batches(ds, batch_size=2, seed=3, image_ratio=0.5, start=start)
+        assert [resumed.keys(resumed.position + i) for i in range(40)] == [a.keys(start + i) for i in range(40)]
+    run = [next(a) for _ in range(6)]
+    resumed = Batches(ds, batch_size=2, seed=3, image_ratio=0.5, start=3)
+    assert all(same(next(resumed), r) for r in run[3:])
+    workers = Batches(ds, batch_size=2, seed=3, image_ratio=0.5, start=3, num_workers=1)
+    assert all(same(next(workers), r) for r in run[3:])  # (index, bucket) keys through a DataLoader
+
+
+def test_bucketed_ranks_take_disjoint_shares_of_each_bucket_epoch():
+    ds = SyntheticShapes(buckets=BUCKETS, seed=0, length=21)
+    ranks = [Batches(ds, batch_size=2, seed=4, rank=r, world=3, image_ratio=0.25) for r in range(3)]
+    assert ranks[0].per_epoch == [3] * 4  # 21 // 3 = 7 clips a rank, 3 batches of 2
+    shares = {}  # (bucket, epoch of that bucket) -> per rank, the clips taken
+    for r, batches in enumerate(ranks):
+        uses = [0] * 4
+        for p in range(200):
+            bucket = batches.bucket(p)
+            assert bucket == ranks[0].bucket(p)  # every rank the same bucket at a position
+            shares.setdefault((bucket, uses[bucket] // 3), [[], [], []])[r] += batches.indices(p)
+            uses[bucket] += 1
+    complete = [s for s in shares.values() if all(len(part) == 6 for part in s)]
+    assert len(complete) > 8
+    for parts in complete:
+        flat = sum(parts, [])
+        assert len(set(flat)) == 18 and all(0 <= i < 21 for i in flat)  # disjoint, each clip once
+
+
+def test_bucket_errors_name_what_is_wrong():
+    ds = SyntheticShapes(buckets=[(5, 16, 16), (9, 16, 16)], length=8)
+    with pytest.raises(ValueError, match="image_ratio 0.2 > 0 needs a 1-frame"):
+        Batches(ds, batch_size=2, image_ratio=0.2)
+    with pytest.raises(ValueError, match=r"bucket 1 \(9, 16, 16\) holds 8 clip\(s\), too few to give 4 rank\(s\) a "
+                                         r"batch of 3"):
+        Batches(ds, batch_size=3, world=4)
+    with pytest.raises(KeyError, match=r"dataset\[\(index, bucket\)\]"):
+        ds[0]
+    with pytest.raises(ValueError, match="image_ratio needs a dataset with buckets"):
+        Batches(list(range(8)), batch_size=2, image_ratio=0.5)
+    for bad, match in [([], "non-empty list"), ([(5, 16)], r"\(frames, height, width\)"),
+                       ([(0, 16, 16)], "frames must be a positive"), ([(5, 8, 8), (5, 8, 8)], "distinct")]:
+        with pytest.raises(ValueError, match=match):
+            SyntheticShapes(buckets=bad)
+    with pytest.raises(ValueError, match="not both"):
+        SyntheticShapes(frames=5, height=8, width=8, buckets=[(5, 8, 8)])
+    assert SyntheticShapes(buckets=[(5, 8, 8)], length=3)[2]["video"].shape == (3, 5, 8, 8)  # one bucket: plain keys
+
+
+def test_validation_split_keeps_the_buckets():
+    ds = SyntheticShapes(buckets=BUCKETS, seed=0, length=12)
+    train, validation = split_validation(ds, 4)
+    assert train.buckets == validation.buckets == BUCKETS
+    assert [m.tolist() for m in validation.bucket_members()] == [[0, 1, 2, 3]] * 4
+    assert torch.equal(validation[(1, 2)]["video"], ds[(9, 2)]["video"])
+    batches = Batches(train, batch_size=2, seed=0, image_ratio=0.5)
+    assert all(0 <= i < 8 for p in range(30) for i in batches.indices(p))
+    assert next(batches)["video"].shape[0] == 2
+
+
+def test_folder_assigns_files_to_the_bucket_of_their_aspect_and_length(folder):
+    write_video(folder / "tall.mp4", 6, h=40, w=24)  # 6 frames, portrait
+    write_captions(folder, [("long.mp4", "long"), ("clips/medium.mp4", "medium"), ("short.mp4", "short"),
+                            ("stripes.png", "stripes"), ("corrupt.mp4", "corrupt"), ("missing.mp4", "missing"),
+                            ("tall.mp4", "tall")])
+    buckets = [(1, 16, 32), (1, 32, 16), (5, 16, 32), (9, 16, 32), (5, 32, 16)]
+    ds = CaptionedFolder(folder, buckets=buckets, seed=0)
+    assert len(ds) == 7  # with a 1-frame bucket, images are clips too
+    with pytest.warns(UserWarning, match="2 unreadable file.*0 video"):
+        members = [m.tolist() for m in ds.bucket_members()]
+    # landscape videos (24×40) and the 40×80 image: the wide buckets; the longest bucket each video fills
+    assert members == [[0, 1, 2, 3], [6], [2], [0, 1], [6]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds[(6, 4)]["video"].shape == (3, 5, 32, 16) and ds[(6, 1)]["video"].shape == (3, 1, 32, 16)
+        assert ds[(3, 0)]["caption"] == "stripes" and ds[(0, 0)]["video"].shape == (3, 1, 16, 32)  # a video's frame
+    with pytest.raises(ValueError, match="is an image.*only 1-frame buckets"):
+        ds[(3, 2)]
+    batches = Batches(ds, batch_size=1, seed=0, image_ratio=0.5)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"bucket 3 \(9, 32, 16\) holds 0 clip"):
+        Batches(CaptionedFolder(folder, buckets=buckets[2:] + [(9, 32, 16)], seed=0), batch_size=1)
+    for _ in range(6):
+        bucket = batches.bucket(batches.position)
+        assert next(batches)["video"].shape[2:] == buckets[bucket]
+
+
+def test_folder_with_one_bucket_of_each_kind_reads_no_file_ahead(folder, monkeypatch):
+    import cogvx.train.data as data
+    monkeypatch.setattr(data, "_probe", None)  # probing would fail: it must not happen
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = CaptionedFolder(folder, buckets=[(9, 16, 16), (1, 16, 16)], seed=0)
+        members = [m.tolist() for m in ds.bucket_members()]
+        assert members == [[0, 1, 2, 4, 5], [0, 1, 2, 3, 4, 5]]  # videos in both, the image in the image bucket
+        run = [next(b) for b in [Batches(ds, batch_size=2, seed=1, image_ratio=0.5)] for _ in range(8)]
+    assert all(r["video"].shape[0] == 2 for r in run) and sum(r["skipped"] for r in run) > 0
+    assert {r["video"].shape[2] for r in run} == {1, 9}

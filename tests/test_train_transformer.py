@@ -317,6 +317,30 @@ def _torchrun(tmp_path, config_path: Path, out: Path, *extra, world: int = 2):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_training_from_a_latent_cache_equals_training_from_the_clips(tmp_path):
+    """Buckets of 9-frame clips and images mixed half and half: three steps from a latent cache
+    (`cache_latents` of the same [data]) log the losses of three steps encoding the clips each step
+    (the same posteriors and embeddings, each sample's draws from its own generator)."""
+    from cogvx.train.cache import cache_latents
+    data = {"frames": None, "height": None, "width": None, "buckets": [[9, 32, 32], [1, 32, 32]],
+            "image_ratio": 0.5, "length": 8}
+    raw = make_config(data=data, train={"steps": 3, "checkpoint_every": 3})
+    clips = make_dataset("synthetic:shapes", buckets=raw.data.shapes, seed=0, length=8)
+    assert {Batches(clips, batch_size=2, image_ratio=0.5).bucket(p) for p in range(3)} == {0, 1}  # both kinds
+    cache_latents(make_dataset("synthetic:shapes", buckets=raw.data.shapes, seed=0, length=8), TINY,
+                  tmp_path / "latents", batch_size=2)
+    cached = make_config(data={**data, "cache": str(tmp_path / "latents")}, train={"steps": 3, "checkpoint_every": 3})
+    train_transformer(raw, tmp_path / "raw")
+    train_transformer(cached, tmp_path / "cached")
+    a, b = losses(tmp_path / "raw"), losses(tmp_path / "cached")
+    assert list(a) == list(b) == [1, 2, 3]
+    for step in a:
+        assert float(b[step]["loss"]) == pytest.approx(float(a[step]["loss"]), rel=1e-5), step
+    with pytest.raises(ConfigError, match="data.cache: latent cache .* holds the buckets"):  # made for other buckets
+        train_transformer(make_config(data={**data, "buckets": [[9, 32, 32], [1, 32, 48]], "cache": str(tmp_path / "latents")}),
+                          tmp_path / "other")
+
+
 def _trained(folder: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a checkpoint by parameter name."""
     from safetensors.torch import load_file
@@ -479,7 +503,7 @@ def test_the_tiny_config_trains_the_embedded_pipelines_transformer(tmp_path):
     embedded = json.loads((TINY / "transformer" / "config.json").read_text())
     assert all(embedded[k] == v for k, v in config.model.transformer.to_dict().items())
     assert config.pipeline.resolve() == TINY.resolve() and config.data.source == "synthetic:shapes"
-    assert (config.data.frames, config.data.height, config.data.width) == (9, 32, 32)
+    assert config.data.shapes == [(9, 32, 32), (1, 32, 32)] and 0 < config.data.image_ratio < 0.5
     assert config.train.device == "cpu" and config.validation.prompts
     short = config.to_dict()
     short["train"].update(steps=2, checkpoint_every=2)
@@ -507,13 +531,17 @@ BAD = [  # (changes, the key the error must name, words it must say)
     (dict(model={"pretrained": None, "layout": "7b", "pipeline": "p"}), "model.layout", "'2b' or '5b' or '1.5'"),
     (dict(model={"pretrained": None, "layout": "5b", "pipeline": "p", "transformer": {"num_layer": 2}}),
      "model.transformer", "num_layer"),
-    (dict(data={"frames": 8}), "data.frames", "1 + 4·k"),
-    (dict(data={"height": 24}), "data.height", "multiple of 16"),
-    (dict(data={"cache": "latents"}), "data.source", "not both"),
-    (dict(data={"source": None, "cache": "latents"}), "data.frames, data.height, data.width", "leave them out"),
-    (dict(data={"frames": None}), "data.frames", "required with data.source"),
+    (dict(data={"frames": 8}), "data [8, 32, 32]", "8 frames must be 1 + 4·k"),
+    (dict(data={"height": 24}), "data [9, 24, 32]", "height 24 must be a multiple of 16"),
+    (dict(data={"frames": None, "height": None, "width": None, "buckets": [[9, 32, 32], [1, 32, 40]]}),
+     "data.buckets [1, 32, 40]", "width 40 must be a multiple of 16"),
+    (dict(data={"frames": None, "height": None, "width": None, "buckets": [[9, 32, 32]], "image_ratio": 0.5}),
+     "data.image_ratio", "needs a 1-frame bucket"),
+    (dict(data={"source": None, "cache": "latents"}), "data.source", "required"),
+    (dict(data={"frames": None}), "data.frames", "is required"),
+    (dict(data={"validation_clips": 2}), "data.validation_clips", "unknown key"),
     (dict(validation={"prompts": ["ok", " "]}), "validation.prompts", "non-empty"),
-    (dict(validation={"width": 40}), "validation.width", "multiple of 16"),
+    (dict(validation={"width": 40}), "validation [9, 32, 40]", "width 40 must be a multiple of 16"),
     (dict(train={"mixed_precision": "bf16"}), "train.mixed_precision", "GPU"),
 ]
 
@@ -530,6 +558,8 @@ def test_bad_config_names_the_key(changes, key, says):
     (dict(model={"pretrained": "missing"}), "model.pretrained: model folder"),
     (dict(loss={"timestep_max": 1000}), "loss.timestep_max (1000) must be at most 999"),
     (dict(data={"source": "nowhere"}), "has no captions.jsonl"),
+    (dict(data={"cache": "latents"}), "is not a finished latent cache (no manifest.json): write it with "
+                                      "`cogvx cache-latents --config"),
     (dict(data={"height": 32, "width": 64 * 16}), None),  # the 1.0 RoPE takes any size: no problem
 ])
 def test_files_checked_before_training(tmp_path, capsys, change, says):

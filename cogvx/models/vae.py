@@ -12,6 +12,7 @@ ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +178,7 @@ def group_normalizer(norm: nn.GroupNorm, x: torch.Tensor, ctx: FrameContext, sli
     and rounded once, as GroupNorm does. Under autograd in one process: the fused GroupNorm (its
     forward and backward are two native ops, where the statistics by hand are many small ones)."""
     if torch.is_grad_enabled() and ctx.local_statistics:  # one slice under autograd: the whole chunk
-        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        return lambda start, end: y[:, :, start:end]
+        return lambda start, end: F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)[:, :, start:end]
     mean, var, _ = ctx.group_moments(x, norm.num_groups, slices)
     per_group = x.shape[1] // norm.num_groups
     scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)
@@ -195,7 +195,10 @@ def norm_act_conv(normalize, conv: CausalConv3d, x: torch.Tensor, ctx: FrameCont
     """conv(SiLU(normalize(x))) (+ residual), slice by slice (see FrameContext). Without autograd
     the residual is added in place (the sum is returned in it)."""
     inplace = not torch.is_grad_enabled()
-    pieces = ctx.conv_slices(conv, x, slices, lambda start, end: F.silu(normalize(start, end), inplace=inplace))
+    activated = lambda start, end: F.silu(normalize(start, end), inplace=inplace)  # noqa: E731
+    if not inplace and ctx.local_statistics:
+        activated = partial(_recomputed, activated)
+    pieces = ctx.conv_slices(conv, x, slices, activated)
     if not inplace:  # one slice (autograd)
         (_, _, y), = pieces
         return y if residual is None else y + residual
@@ -211,6 +214,14 @@ def norm_act_conv(normalize, conv: CausalConv3d, x: torch.Tensor, ctx: FrameCont
             out[:, :, start:end] = y
         del y
     return out
+
+
+def _recomputed(activated, start: int, end: int) -> torch.Tensor:
+    """activated(start, end) under autograd keeping none of its intermediates (the norm's output, the
+    modulation's resized scale and shift, the activation's input): backward recomputes them from the
+    norm's input, which the previous layer's backward keeps anyway. Elementwise work traded for
+    two to four activations per norm. Not under context parallelism, whose norms communicate."""
+    return torch.utils.checkpoint.checkpoint(activated, start, end, use_reentrant=False)
 
 
 def _per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,10 @@ One package for both trainers, each module one concern:
   impossible value stops before training with an error naming the file and the key.
 - `data.py`: clips as (3, F, H, W) tensors in [-1, 1] with their captions: `synthetic:shapes`
   (deterministic coloured shapes moving on a plain background) and captioned folders of videos and
-  images (`captions.jsonl`, decoded with PyAV); unreadable files skipped and counted.
+  images (`captions.jsonl`, decoded with PyAV); unreadable files skipped and counted; buckets of
+  (frames, height, width), every batch one bucket, images and videos mixed at a set ratio.
+- `cache.py`: latent caches (`cogvx cache-latents`): every clip's VAE posterior and caption
+  embedding computed once into safetensors shards, read back lazily as a bucketed dataset.
 - `latents.py`: the transformer's inputs, clean latents and T5 embeddings, from clips or a latent cache.
 - `losses.py`: the VAE's reconstruction (L2 or L1), KL of the posterior, LPIPS (the `lpips` package),
   the 3D PatchGAN discriminator with hinge or non-saturating losses, the adaptive GAN weight and the

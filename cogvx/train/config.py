@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from ..loading import (NON_NEGATIVE, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
+from ..loading import (NON_NEGATIVE, UNIT, Bound, ConfigError, NonNegativeInt, PositiveFloat, PositiveInt,
                        _expected, component_folder, conform_fields, read_config)
 from ..models.transformer import DIFFUSERS_CLASS as TRANSFORMER_CLASS
 from ..models.transformer import LAYOUTS, TransformerConfig
@@ -156,32 +156,86 @@ class ModelConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig(Section):
-    """Clips of `frames` frames at height × width from a captioned folder or `synthetic:shapes`.
-    `batch_size` is per rank (DDP); under context parallelism every rank holds the same clips."""
+class ClipsConfig(Section):
+    """Clips from a captioned folder or `synthetic:shapes`: of one shape (`frames` frames at
+    height × width) or of several, `buckets` = [[frames, height, width], ...] (every batch one
+    bucket; 1-frame buckets hold images, taken in `image_ratio` of the batches, by default in
+    proportion to the clips), optionally read from a latent `cache` folder (`cogvx cache-latents`).
+    `batch_size` is per rank (DDP); under context parallelism every rank holds the same clips.
+    Both trainers' [data] start from it."""
     source: Path | Annotated[str, one_of(*SYNTHETIC)]
-    frames: PositiveInt
-    height: PositiveInt
-    width: PositiveInt
+    frames: PositiveInt | None = None
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
+    buckets: tuple[tuple[PositiveInt, ...], ...] | None = None
+    image_ratio: Annotated[float, UNIT] | None = None
+    cache: Path | None = None
     batch_size: PositiveInt = 1
     num_workers: NonNegativeInt = 0
     seed: NonNegativeInt = 0
-    validation_clips: NonNegativeInt = 2  # held out from training, reconstructed at validation
     length: PositiveInt = 1024  # clips of a synthetic source
 
     NAME = "data"
-    PATHS = {"source": ("synthetic:",)}
+    PATHS = {"source": ("synthetic:",), "cache": ()}
 
     @property
     def synthetic(self) -> bool:
         return isinstance(self.source, str)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The buckets (frames, height, width): `buckets`, or the one shape."""
+        if self.buckets is not None:
+            return [tuple(b) for b in self.buckets]
+        return [(self.frames, self.height, self.width)]
+
+    def problems(self) -> list[str]:
+        problems = []
+        shape = {k: getattr(self, k) for k in ("frames", "height", "width")}
+        if self.buckets is None:
+            missing = [k for k, v in shape.items() if v is None]
+            if missing:
+                problems.append(f"data.{', data.'.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                                f"(the clips' shape), or data.buckets = [[frames, height, width], ...]")
+            if self.image_ratio is not None:
+                problems.append("data.image_ratio needs data.buckets (with 1-frame buckets for the images)")
+            return problems
+        given = [k for k, v in shape.items() if v is not None]
+        if given:
+            problems.append(f"data.buckets and data.{', data.'.join(given)} exclude each other: each bucket is "
+                            f"[frames, height, width]")
+        if not self.buckets:
+            problems.append("data.buckets must list at least one [frames, height, width]")
+        bad = [list(b) for b in self.buckets if len(b) != 3]
+        if bad:
+            problems.append(f"data.buckets: each bucket is [frames, height, width]; got {bad}")
+            return problems
+        if len(set(self.buckets)) < len(self.buckets):
+            problems.append(f"data.buckets must be distinct; got {[list(b) for b in self.buckets]}")
+        images = [b for b in self.buckets if b[0] == 1]
+        if self.image_ratio is not None and self.image_ratio > 0 and not images:
+            problems.append(f"data.image_ratio = {self.image_ratio} needs a 1-frame bucket in data.buckets "
+                            f"(e.g. [1, height, width]): images are 1-frame clips")
+        if self.image_ratio is not None and self.image_ratio < 1 and len(images) == len(self.buckets):
+            problems.append(f"data.image_ratio = {self.image_ratio} < 1 needs a video bucket (more than 1 frame) "
+                            f"in data.buckets")
+        if self.image_ratio == 0 and images:
+            problems.append(f"data.image_ratio = 0 leaves the 1-frame buckets {[list(b) for b in images]} unused: "
+                            f"remove them or raise the ratio")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(ClipsConfig):
+    """The VAE's clips, some held out for validation."""
+    validation_clips: NonNegativeInt = 2  # held out from training, reconstructed at validation
 
     def problems(self) -> list[str]:
         problems = []
         if self.synthetic and self.validation_clips >= self.length:
             problems.append(f"data.validation_clips ({self.validation_clips}) must be less than data.length "
                             f"({self.length}): some clips must be left to train on")
-        return problems
+        return problems + super().problems()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +363,10 @@ class VAETrainConfig:
         vae = vae or VAEConfig()
         ratio, spatial = int(vae.temporal_compression_ratio), vae.spatial_factor
         data, problems = self.data, []
+        other = [k for k in ("buckets", "image_ratio", "cache") if getattr(data, k) is not None]
+        if other:  # the transformer trainer's keys
+            return [f"data.{k}: the VAE trainer takes clips of one shape (data.frames, data.height, data.width), "
+                    f"read from data.source" for k in other]
         period = 2 * ratio
         if (data.frames - 1) % period:
             below = 1 + (data.frames - 1) // period * period
@@ -493,39 +551,12 @@ class LoRAConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TransformerDataConfig(Section):
-    """Training clips: `source` (a captioned folder or synthetic:shapes) encoded through the VAE and
-    T5 at every step, at frames × height × width; or `cache`, latents and text embeddings written
-    ahead by `cogvx cache-latents` (their sizes are the cache's). `batch_size` is per rank."""
-    source: Path | Annotated[str, one_of(*SYNTHETIC)] | None = None
-    cache: Path | None = None
-    frames: PositiveInt | None = None
-    height: PositiveInt | None = None
-    width: PositiveInt | None = None
-    batch_size: PositiveInt = 1
-    num_workers: NonNegativeInt = 0
-    seed: NonNegativeInt = 0
-    length: PositiveInt | None = None  # clips of a synthetic source (default 1024)
-
-    NAME = "data"
+class TransformerDataConfig(ClipsConfig):
+    """The transformer's clips: `source` encoded through the VAE and T5 at every step, or, with
+    `cache`, the latents and text embeddings `cogvx cache-latents --config` (this file) wrote there
+    from `source` (the source need not be on the training machine then). `cogvx cache-latents`
+    reads this section too."""
     WHAT = TRANSFORMER_WHAT
-    PATHS = {"source": ("synthetic:",), "cache": ()}
-
-    @property
-    def synthetic(self) -> bool:
-        return isinstance(self.source, str)
-
-    def problems(self) -> list[str]:
-        if (self.source is None) == (self.cache is None):
-            return ["give one of data.source (clips encoded at every step) and data.cache (latents written by "
-                    "`cogvx cache-latents`)" + ("; not both" if self.source is not None else "")]
-        sizes = ("frames", "height", "width")
-        if self.cache is not None:
-            given = [f"data.{k}" for k in (*sizes, "length") if getattr(self, k) is not None]
-            return [f"{', '.join(given)}: a latent cache holds its clips at the sizes it was written with; "
-                    f"leave {'it' if len(given) == 1 else 'them'} out with data.cache"] if given else []
-        missing = [f"data.{k}" for k in sizes if getattr(self, k) is None]
-        return [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required with data.source"] if missing else []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -633,19 +664,17 @@ class TransformerTrainConfig:
         return read_config(self.pipeline / "vae", VAEConfig, DIFFUSERS_CLASS)
 
     def needs_text_encoder(self) -> bool:
-        """T5 is loaded for raw clips (every step) and for validation prompts (once)."""
-        return self.data.source is not None or bool(self.validation.prompts)
+        """T5 is loaded for clips encoded at every step and for validation prompts (once)."""
+        return self.data.cache is None or bool(self.validation.prompts)
 
-    def sizes(self, transformer: TransformerConfig, vae: VAEConfig) -> dict[str, tuple[int, int, int]]:
-        """(frames, height, width) of the training clips (raw data) and of the validation videos."""
-        out = {}
-        if self.data.source is not None:
-            out["data"] = (self.data.frames, self.data.height, self.data.width)
-        v, spatial = self.validation, vae.spatial_factor
-        base = out.get("data", (transformer.sample_frames, transformer.sample_height * spatial,
-                                transformer.sample_width * spatial))
-        out["validation"] = (v.frames or base[0], v.height or base[1], v.width or base[2])
-        return out
+    def validation_size(self, transformer: TransformerConfig, vae: VAEConfig) -> tuple[int, int, int]:
+        """(frames, height, width) of the validation videos: the section's, else the first video
+        bucket's (or the first bucket's), else the transformer's sample size."""
+        v, shapes = self.validation, self.data.shapes
+        base = next((s for s in shapes if s[0] > 1), shapes[0]) if None not in shapes[0] else (
+            transformer.sample_frames, transformer.sample_height * vae.spatial_factor,
+            transformer.sample_width * vae.spatial_factor)
+        return v.frames or base[0], v.height or base[1], v.width or base[2]
 
     def problems(self, vae: VAEConfig | None, transformer: TransformerConfig | None) -> list[str]:
         """What the sections cannot do with the models: frame counts the VAE encodes (1 + r·k), sizes
@@ -656,22 +685,25 @@ class TransformerTrainConfig:
         vae, transformer = vae or VAEConfig(), transformer or TransformerConfig()
         ratio, spatial, patch = int(vae.temporal_compression_ratio), vae.spatial_factor, transformer.patch_size
         problems = []
-        for section, (frames, height, width) in self.sizes(transformer, vae).items():
+        if None in self.data.shapes[0]:  # the [data] section reports a missing size
+            return problems
+        sizes = [("data.buckets " if self.data.buckets is not None else "data ", shape) for shape in self.data.shapes]
+        for where, (frames, height, width) in [*sizes, ("validation ", self.validation_size(transformer, vae))]:
+            at = f"{where}[{frames}, {height}, {width}]"
             if (frames - 1) % ratio:
                 below = 1 + (frames - 1) // ratio * ratio
-                problems.append(f"{section}.frames must be 1 + {ratio}·k (the VAE keeps the first frame and "
-                                f"compresses the rest {ratio}× in time): {below} or {below + ratio}, not {frames}")
+                problems.append(f"{at}: {frames} frames must be 1 + {ratio}·k (the VAE keeps the first frame and "
+                                f"compresses the rest {ratio}× in time): {below} or {below + ratio}")
             multiple = spatial * patch
             for key, size in (("height", height), ("width", width)):
                 if size % multiple:
-                    problems.append(f"{section}.{key} must be a multiple of {multiple} (the VAE's spatial factor "
-                                    f"{spatial} × the transformer's patch size {patch}); got {size}")
-            if transformer.patch_size_t and not problems:  # 1.5's RoPE: positions within the sample grid
-                grid = (height // spatial, width // spatial)
-                if grid[0] > transformer.sample_height or grid[1] > transformer.sample_width:
-                    problems.append(f"{section}.height × width = {height} × {width} gives a {grid[0]} × {grid[1]} "
-                                    f"latent grid, larger than this transformer's 3D-RoPE covers ({transformer.sample_height}"
-                                    f" × {transformer.sample_width}: sample_height × sample_width)")
+                    problems.append(f"{at}: {key} {size} must be a multiple of {multiple} (the VAE's spatial "
+                                    f"factor {spatial} × the transformer's patch size {patch})")
+            grid = (height // spatial, width // spatial)
+            if transformer.patch_size_t and (grid[0] > transformer.sample_height or grid[1] > transformer.sample_width):
+                problems.append(f"{at}: a {grid[0]} × {grid[1]} latent grid, larger than this transformer's 3D-RoPE "
+                                f"covers ({transformer.sample_height} × {transformer.sample_width}: sample_height × "
+                                f"sample_width)")
         if not known_vae:
             return problems
         if transformer.in_channels == 2 * vae.latent_channels:
@@ -716,11 +748,13 @@ class TransformerTrainConfig:
                 problems += self._schedule_problems(scheduler.config, key)
             if self.needs_text_encoder() and transformer is not None:
                 problems += self._text_problems(transformer, key)
-        if self.data.source is not None and not self.data.synthetic and not (self.data.source / "captions.jsonl").is_file():
+        if self.data.cache is not None:  # what it holds is checked when it opens (LatentCache)
+            if not (self.data.cache / "manifest.json").is_file():
+                problems.append(f"data.cache: {str(self.data.cache)!r} is not a finished latent cache (no manifest.json):"
+                                f" write it with `cogvx cache-latents --config {self.source or 'THIS.toml'}`")
+        elif not self.data.synthetic and not (self.data.source / "captions.jsonl").is_file():
             problems.append(f"data.source: {str(self.data.source)!r} has no captions.jsonl (a folder of videos and "
                             f"images with one {{\"path\": ..., \"caption\": ...}} line per file)")
-        if self.data.cache is not None and not self.data.cache.is_dir():
-            problems.append(f"data.cache: {str(self.data.cache)!r} is not a folder (write one with `cogvx cache-latents`)")
         if transformer is not None and vae is not None:
             problems += self.problems(vae, transformer)
         if problems:
@@ -760,3 +794,105 @@ class TransformerTrainConfig:
 def load_transformer_config(path: str | Path) -> TransformerTrainConfig:
     """A transformer training config from a TOML file; errors name the file and `section.key`."""
     return TransformerTrainConfig.from_dict(read_toml(path, TRANSFORMER_WHAT), source=Path(path))
+
+
+# -- latent caches: the [model] pipeline and the [data] of a transformer training config ------------
+CACHE_WHAT = "transformer training"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(Section):
+    """The CogVideoX pipeline folder (vae/, text_encoder/, tokenizer/, transformer/) the transformer
+    trains in; its VAE and T5 encode the clips."""
+    pipeline: Path
+
+    NAME = "model"
+    PATHS = {"pipeline": ()}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `cogvx cache-latents` reads of a transformer training config: `model.pipeline` and the
+    [data] section. The other sections, and the other keys of [model], belong to the trainer, whose
+    loader checks them: they are ignored here."""
+    model: PipelineConfig
+    data: TransformerDataConfig
+    source: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | Path | None = None) -> "CacheConfig":
+        source = Path(source) if source is not None else None
+        base = source.parent if source is not None else None
+        if not isinstance(data, dict):
+            raise ConfigError(CACHE_WHAT, [f"expected a table of sections; got {data!r}"], source)
+        problems, sections = [], {}
+        for name, section, keys in (("model", PipelineConfig, ("pipeline",)), ("data", TransformerDataConfig, None)):
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                problems.append(f"[{name}] must be a table of keys; got {table!r}")
+                continue
+            if keys is not None:
+                table = {k: v for k, v in table.items() if k in keys}
+            try:
+                sections[name] = section.from_dict(table, base)
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, source)
+        config = cls(**sections, source=source)
+        problems = config.problems(VAEConfig(), 2)
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, source)
+        return config
+
+    def problems(self, vae: VAEConfig, patch: int) -> list[str]:
+        """Buckets the VAE can encode and the transformer take: frames 1 + r·k (r the VAE's temporal
+        compression), sizes multiples of the VAE's spatial factor × the transformer's patch size
+        (CogVideoX's 4, 8 and 2 until the pipeline's configs are read, in check_files)."""
+        ratio, multiple = int(vae.temporal_compression_ratio), vae.spatial_factor * patch
+        problems = []
+        where = "data.buckets " if self.data.buckets is not None else "data "
+        for frames, height, width in self.data.shapes:
+            at = f"{where}[{frames}, {height}, {width}]"
+            if (frames - 1) % ratio:
+                problems.append(f"{at}: {frames} frames must be 1 + {ratio}·k (the VAE keeps the first frame and "
+                                f"compresses the rest {ratio}× in time)")
+            for key, size in (("height", height), ("width", width)):
+                if size % multiple:
+                    problems.append(f"{at}: {key} {size} must be a multiple of {multiple} (the VAE's spatial "
+                                    f"factor {vae.spatial_factor} × the transformer's patch size {patch})")
+        return problems
+
+    def check_files(self) -> None:
+        """Before encoding: the pipeline folder has the parts, its configs take the buckets, and the
+        data folder has its captions.jsonl. Raises ConfigError naming the key."""
+        from ..models import transformer as transformer_module
+
+        root, problems = self.model.pipeline, []
+        missing = [part for part in ("vae", "text_encoder", "tokenizer") if not (root / part).is_dir()]
+        if not root.is_dir() or missing:
+            problems.append(f"model.pipeline: {str(root)!r} is not a CogVideoX pipeline folder (it needs vae/, "
+                            f"text_encoder/, tokenizer/{'' if not root.is_dir() else '; no ' + ', '.join(missing)})")
+        else:
+            try:
+                vae = read_config(root / "vae", VAEConfig, DIFFUSERS_CLASS)
+                patch = 2
+                if (root / "transformer" / "config.json").is_file():
+                    patch = read_config(root / "transformer", transformer_module.TransformerConfig,
+                                        transformer_module.DIFFUSERS_CLASS).patch_size
+            except (OSError, ValueError) as exc:
+                problems.append(f"model.pipeline: {exc}")
+            else:
+                problems += self.problems(vae, patch)
+        if not self.data.synthetic and not (self.data.source / "captions.jsonl").is_file():
+            problems.append(f"data.source: {str(self.data.source)!r} has no captions.jsonl (a folder of videos and "
+                            f"images with one {{\"path\": ..., \"caption\": ...}} line per file)")
+        if problems:
+            raise ConfigError(CACHE_WHAT, problems, self.source)
+
+
+def load_cache_config(path: str | Path) -> CacheConfig:
+    """`model.pipeline` and [data] of a transformer training config (TOML); errors name the file
+    and `section.key`."""
+    path = Path(path)
+    return CacheConfig.from_dict(read_toml(path, CACHE_WHAT), source=path)

@@ -190,7 +190,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
         alphas_cumprod = noise_schedule.alphas_cumprod
         t_min = c_loss.timestep_min
         t_max = c_loss.timestep_max if c_loss.timestep_max is not None else len(alphas_cumprod) - 1
-        raw = c_data.source is not None
+        raw = c_data.cache is None  # clips encoded at every step, or latents cached ahead
         vae_config = config.vae_config()
         vae = text_encoder = None
         if raw or c_val.prompts:  # encoding clips, decoding validation videos
@@ -204,12 +204,12 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
         # ---- data; the empty prompt's embedding (text dropout) and the validation prompts'
         try:
             if raw:
-                dataset = make_dataset(c_data.source, frames=c_data.frames, height=c_data.height, width=c_data.width,
-                                       seed=c_data.seed, length=(c_data.length or 1024) if c_data.synthetic else None)
+                dataset = make_dataset(c_data.source, buckets=c_data.shapes, seed=c_data.seed,
+                                       length=c_data.length if c_data.synthetic else None)
                 empty_text = text_encoder.encode([""], device=device, dtype=torch.float32)[0]
-            else:
-                from .cache import LatentCache  # written by `cogvx cache-latents`
-                dataset = LatentCache(c_data.cache)
+            else:  # written by `cogvx cache-latents` from these models and buckets (else CacheError)
+                from .cache import LatentCache
+                dataset = LatentCache(c_data.cache, pipeline=config.pipeline, buckets=c_data.shapes)
                 empty_text = dataset.empty_text.to(device, torch.float32)
         except (OSError, ValueError) as exc:
             raise ConfigError(WHAT, [f"data.{'source' if raw else 'cache'}: {exc}"], config.source) from None
@@ -224,7 +224,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
                                                   dtype=torch.float32)
         if not raw:
             text_encoder = None  # a cache holds the captions' embeddings: T5 (XXL: ~9 GB in bf16) is not needed
-        validation_sizes = config.sizes(transformer.config, vae_config)["validation"]
+        validation_size = config.validation_size(transformer.config, vae_config)
 
         # ---- across ranks
         model = transformer
@@ -263,7 +263,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
             if main:
                 print(f"resumed from {latest} at step {step}")
         batches = Batches(dataset, batch_size=c_data.batch_size, seed=c_data.seed, rank=rank, world=world,
-                          num_workers=c_data.num_workers, start=position)
+                          num_workers=c_data.num_workers, start=position, image_ratio=c_data.image_ratio)
 
         autocast = autocast_context(device, c_train.mixed_precision)
         log = CSVLog(out_dir / "log.csv", COLUMNS, resume_step=step) if main else None
@@ -338,7 +338,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
                 folder = out_dir / "validation" / f"step-{step}" if main else None
                 with ema.swapped(transformer) if ema else contextlib.nullcontext():
                     written = validate(transformer, vae, load_scheduler(scheduler_folder), prompt_embeds,
-                                       negative_embeds, c_val, validation_sizes, folder, autocast)
+                                       negative_embeds, c_val, validation_size, folder, autocast)
                 if main:
                     bar.write(f"step {step}: validation videos in {folder}")
             if world > 1 and validate_now and prompt_embeds is not None:
