@@ -400,7 +400,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, parall
         (a, b), (sa, sb) = [_trained(f) for f in folders], [_adam(f, names) for f in folders]
         for name in names:
             ma, mb = sa[name]["exp_avg"], sb[name]["exp_avg"]
-            assert (ma - mb).abs().max() <= 1e-4 * ma.abs().max() + 1e-12, (step, name)
+            # fp32 gradients: step 1 within 1e-4 of each tensor's scale; step 2 starts from weights that
+            # already differ in their last bits, its gradients by up to 2.2e-4 of the scale (measured, FSDP)
+            assert (ma - mb).abs().max() <= (1e-4 if step == 1 else 1e-3) * ma.abs().max() + 1e-12, (step, name)
             # AdamW moves each weight by about lr·m/sqrt(v): where sqrt(v) is at rounding level so is the
             # step's sign, and where m cancels out (step 2) a few elements' steps carry its rounding; the
             # tensor's steps as a whole agree within 0.1 % of an lr-sized step per element
