@@ -1,4 +1,8 @@
-"""Training configs: a TOML file (tomllib) read into frozen dataclasses, one per section.
+"""Training configs: a TOML file (tomllib) read into frozen dataclasses, one per section:
+`VAETrainConfig` (`load_vae_config`), `TransformerTrainConfig` (`load_transformer_config`: [model]
+[lora] [data] [loss] [optim] [train] [validation]) and `CacheConfig` (`load_cache_config`: the
+model.pipeline and [data] of a transformer config, what `cogvx cache-latents` reads). Sections both
+trainers share start from one base ([data]: `ClipsConfig`, [optim]: `OptimBase`, [train]: `RunBase`).
 
 Every value is checked against its field's annotation with cogvx.loading's typed-config machinery
 (`loading.conform_fields`: types, `Annotated` bounds), then across fields (frames 1 + 8k: the VAE's
@@ -12,8 +16,8 @@ Deviation from the first plan: data.frames is 1 + 8k, not 1 + 4k (see `VAETrainC
 Paths (`model.pretrained`, `data.source`, `loss.lpips_backbone`) are read relative to the TOML
 file's folder (`~` expanded); `train.out` is the default output folder, relative to where the
 trainer runs (the command line's --out replaces it). Whether those files exist is checked by
-`VAETrainConfig.check_files()` (the trainer calls it before training), not at load, so a config
-can be read and checked on a machine that lacks the data.
+`check_files()` (the trainers call it before training), not at load, so a config can be read and
+checked on a machine that lacks the data and the models.
 """
 from __future__ import annotations
 
