@@ -3,6 +3,7 @@
     cogvx generate --prompt "a red cat walking" [--model FOLDER] [--out out.mp4] ...
     cogvx info [--check [--quick] [--device cuda]]
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
+    cogvx train --config configs/transformer-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
     cogvx plot-log runs/vae-tiny/log.csv --out curves.png
 
@@ -135,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     t.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
+    tt = sub.add_parser("train", help="train the transformer, fully or LoRA (also under torchrun: DDP or FSDP2)")
+    tt.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
+    tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    tt.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
     _add_cache_latents(sub)
     pl = sub.add_parser("plot-log", help="draw a training log's curves (log.csv) into a PNG")
     pl.add_argument("log", type=Path, help="a log.csv written by a trainer")
@@ -443,15 +448,27 @@ def info(args) -> int:
 
 
 def train_vae(args) -> int:
+    from .train.config import load_vae_config
+    from .train.vae import train_vae as train
+
+    return _run_trainer(args, load_vae_config, train)
+
+
+def train_transformer(args) -> int:
+    from .train.config import load_transformer_config
+    from .train.transformer import train_transformer as train
+
+    return _run_trainer(args, load_transformer_config, train)
+
+
+def _run_trainer(args, load_config, train) -> int:
     """Config errors, a missing file named by it and an incompatible checkpoint: one line, before
     any training step."""
     from .loading import ConfigError
     from .train.checkpoint import CheckpointError
-    from .train.config import load_vae_config
-    from .train.vae import train_vae as train
 
     try:
-        config = load_vae_config(args.config)
+        config = load_config(args.config)
         config.check_files()
     except (ConfigError, OSError) as exc:
         raise UsageError(_first_line(exc)) from None
@@ -572,8 +589,8 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
-        return {"generate": generate, "info": info, "train-vae": train_vae, "cache-latents": cache_latents,
-                "plot-log": plot_log}[args.command](args)
+        return {"generate": generate, "info": info, "train-vae": train_vae, "train": train_transformer,
+                "cache-latents": cache_latents, "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
         print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2
