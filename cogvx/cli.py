@@ -5,6 +5,7 @@
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx train --config configs/transformer-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
+    cogvx train-default-model [--out cogvx/assets/tiny-cogvideox] [--seed 0]   (retrains the embedded model)
     cogvx plot-log runs/vae-tiny/log.csv --out curves.png
 
 Errors from bad input end the run with one line on stderr (no traceback) and exit status 2; what
@@ -141,6 +142,17 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     tt.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
     _add_cache_latents(sub)
+    d = sub.add_parser("train-default-model", help="retrain the embedded default model from scratch (the tiny VAE, "
+                                                   "then the tiny transformer, on synthetic shapes; about an hour on a CPU)")
+    d.add_argument("--out", type=Path, default=None,
+                   help="the pipeline folder to write (default: WORK/pipeline; cogvx/assets/tiny-cogvideox replaces "
+                        "the shipped model)")
+    d.add_argument("--work", type=Path, default=Path("runs/default-model"),
+                   help="checkpoints, cache and logs of the stages (a rerun continues there)")
+    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--vae-config", type=Path, default=None, help="default: configs/default-model-vae.toml")
+    d.add_argument("--transformer-config", type=Path, default=None,
+                   help="default: configs/default-model-transformer.toml")
     pl = sub.add_parser("plot-log", help="draw a training log's curves (log.csv) into a PNG")
     pl.add_argument("log", type=Path, help="a log.csv written by a trainer")
     pl.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write")
@@ -491,6 +503,31 @@ def _run_trainer(args, load_config, train) -> int:
     return 0
 
 
+def train_default_model(args) -> int:
+    from .loading import ConfigError
+    from .train import default_model
+    from .train.cache import CacheError
+    from .train.checkpoint import CheckpointError
+
+    vae_config = args.vae_config or default_model.VAE_CONFIG
+    transformer_config = args.transformer_config or default_model.TRANSFORMER_CONFIG
+    for path in (vae_config, transformer_config):
+        if not path.is_file():
+            raise UsageError(f"config {path} does not exist (the default model's configs come with the source tree: "
+                             "configs/default-model-*.toml)")
+    out = args.out if args.out is not None else args.work / "pipeline"
+    try:
+        default_model.train_default_model(out, work=args.work, seed=args.seed, vae_config=vae_config,
+                                          transformer_config=transformer_config)
+    except (ConfigError, CheckpointError, CacheError, OSError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    except KeyboardInterrupt as exc:
+        print(f"cogvx: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the stages keep their "
+              "checkpoints and cache shards: run the same command again to continue", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    return 0
+
+
 def _add_cache_latents(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode a transformer training config's clips and captions once (VAE "
                                               "posterior + T5), for training from the cache (also under torchrun)")
@@ -590,7 +627,8 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
         return {"generate": generate, "info": info, "train-vae": train_vae, "train": train_transformer,
-                "cache-latents": cache_latents, "plot-log": plot_log}[args.command](args)
+                "cache-latents": cache_latents, "train-default-model": train_default_model,
+                "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
         print(f"cogvx: error: {exc}", file=sys.stderr)
         return 2
