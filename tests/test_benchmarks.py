@@ -146,3 +146,19 @@ def test_time_interleaved():
     times = time_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=1e-12)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating rounds
+
+
+def test_rope_vs_sincos_ablation_writes_its_curves_and_verdict(tmp_path):
+    """The ablation script end to end at a toy budget (the real run: README)."""
+    from benchmarks import ablation_rope_vs_sincos as ablation
+
+    out = tmp_path / "ablation"
+    assert ablation.main(["--steps", "3", "--clips", "4", "--held-out", "1", "--window", "2",
+                          "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    header = out.with_suffix(".csv").read_text().splitlines()
+    assert header[0] == "step,3D-RoPE mean,3D-RoPE std,3D sin-cos mean,3D sin-cos std" and len(header) == 4
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert {len(v["runs"]) for v in summary["held_out_loss"].values()} == {3}
+    assert summary["rope_minus_sincos"] == pytest.approx(
+        summary["held_out_loss"]["3D-RoPE"]["mean"] - summary["held_out_loss"]["3D sin-cos"]["mean"])
+    assert out.with_suffix(".png").stat().st_size > 0
