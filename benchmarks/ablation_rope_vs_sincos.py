@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if len(args.seeds) < 3 or args.steps < 2:
         p.error("at least 3 seeds and 2 steps")
+    args.work, args.pipeline = args.work.resolve(), args.pipeline.resolve()  # the config reads paths from its folder
 
     first = run_config(args.pipeline, args.work / "cache", args.work / "unused", True, args.seeds[0], args.steps,
                        args.clips)
