@@ -4,7 +4,9 @@
     torchrun --nproc_per_node=4 -m cogvx generate ... --parallel "cfg=2,ulysses=2,ring=1"
     cogvx info [--check [--quick] [--device cuda]]
     cogvx train-vae --config configs/vae-tiny.toml [--resume] [--out DIR]   (also under torchrun)
+    cogvx train --config configs/transformer-tiny.toml [--resume] [--out DIR]   (also under torchrun)
     cogvx cache-latents --config TRANSFORMER.toml [--out DIR] [--storage bf16]   (also under torchrun)
+    cogvx train-default-model [--out cogvx/assets/tiny-cogvideox] [--seed 0]   (retrains the embedded model)
     cogvx plot-log runs/vae-tiny/log.csv --out curves.png
 
 Errors from bad input end the run with one line on stderr (no traceback) and exit status 2; what
@@ -145,7 +147,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     t.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
+    tt = sub.add_parser("train", help="train the transformer, fully or LoRA (also under torchrun: DDP or FSDP2)")
+    tt.add_argument("--config", type=Path, required=True, help="a TOML training config (see configs/)")
+    tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    tt.add_argument("--out", type=Path, default=None, help="output folder (default: the config's train.out)")
     _add_cache_latents(sub)
+    d = sub.add_parser("train-default-model", help="retrain the embedded default model from scratch (the tiny VAE, "
+                                                   "then the tiny transformer, on synthetic shapes; about an hour on a CPU)")
+    d.add_argument("--out", type=Path, default=None,
+                   help="the pipeline folder to write (default: WORK/pipeline; cogvx/assets/tiny-cogvideox replaces "
+                        "the shipped model)")
+    d.add_argument("--work", type=Path, default=Path("runs/default-model"),
+                   help="checkpoints, cache and logs of the stages (a rerun continues there)")
+    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--vae-config", type=Path, default=None, help="default: configs/default-model-vae.toml")
+    d.add_argument("--transformer-config", type=Path, default=None,
+                   help="default: configs/default-model-transformer.toml")
     pl = sub.add_parser("plot-log", help="draw a training log's curves (log.csv) into a PNG")
     pl.add_argument("log", type=Path, help="a log.csv written by a trainer")
     pl.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write")
@@ -511,15 +528,27 @@ def info(args) -> int:
 
 
 def train_vae(args) -> int:
+    from .train.config import load_vae_config
+    from .train.vae import train_vae as train
+
+    return _run_trainer(args, load_vae_config, train)
+
+
+def train_transformer(args) -> int:
+    from .train.config import load_transformer_config
+    from .train.transformer import train_transformer as train
+
+    return _run_trainer(args, load_transformer_config, train)
+
+
+def _run_trainer(args, load_config, train) -> int:
     """Config errors, a missing file named by it and an incompatible checkpoint: one line, before
     any training step."""
     from .loading import ConfigError
     from .train.checkpoint import CheckpointError
-    from .train.config import load_vae_config
-    from .train.vae import train_vae as train
 
     try:
-        config = load_vae_config(args.config)
+        config = load_config(args.config)
         config.check_files()
     except (ConfigError, OSError) as exc:
         raise UsageError(_first_line(exc)) from None
@@ -539,6 +568,31 @@ def train_vae(args) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     if result["checkpoint"] is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result['step']}; last checkpoint {result['checkpoint']}")
+    return 0
+
+
+def train_default_model(args) -> int:
+    from .loading import ConfigError
+    from .train import default_model
+    from .train.cache import CacheError
+    from .train.checkpoint import CheckpointError
+
+    vae_config = args.vae_config or default_model.VAE_CONFIG
+    transformer_config = args.transformer_config or default_model.TRANSFORMER_CONFIG
+    for path in (vae_config, transformer_config):
+        if not path.is_file():
+            raise UsageError(f"config {path} does not exist (the default model's configs come with the source tree: "
+                             "configs/default-model-*.toml)")
+    out = args.out if args.out is not None else args.work / "pipeline"
+    try:
+        default_model.train_default_model(out, work=args.work, seed=args.seed, vae_config=vae_config,
+                                          transformer_config=transformer_config)
+    except (ConfigError, CheckpointError, CacheError, OSError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    except KeyboardInterrupt as exc:
+        print(f"cogvx: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the stages keep their "
+              "checkpoints and cache shards: run the same command again to continue", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 
@@ -640,7 +694,8 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = _parser().parse_args(argv)  # --help prints and exits 0 (SystemExit)
-        return {"generate": generate, "info": info, "train-vae": train_vae, "cache-latents": cache_latents,
+        return {"generate": generate, "info": info, "train-vae": train_vae, "train": train_transformer,
+                "cache-latents": cache_latents, "train-default-model": train_default_model,
                 "plot-log": plot_log}[args.command](args)
     except UsageError as exc:
         if _rank() == 0:  # under torchrun every rank refuses alike: one line

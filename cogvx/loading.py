@@ -353,12 +353,14 @@ def _page_in(tensors) -> None:
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, config: dict, class_name: str, *,
-                    max_shard_size: int = 10 * 2**30) -> None:
+                    max_shard_size: int = 10 * 2**30, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + safetensors (sharded with an index above `max_shard_size` bytes), each file
-    written to a temporary name and renamed, so an interrupted save leaves no partial file."""
+    written to a temporary name and renamed, so an interrupted save leaves no partial file.
+    `state_dict` replaces the model's own (e.g. the full tensors gathered from a sharded model)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():

@@ -23,7 +23,9 @@ WORDS = ("a an the of in on at with and to from by over under near into through 
          "city street house room road bridge field desert garden park night day morning evening "
          "red green blue yellow white black golden bright dark small big large tiny old young slow fast "
          "walking running flying swimming dancing playing sitting standing jumping sleeping eating "
-         "camera view close shot wide slowly gently water fire light wind video scene").split()
+         "camera view close shot wide slowly gently water fire light wind video scene "
+         # the captions of the synthetic dataset the embedded model learns (cogvx.train.data.SyntheticShapes)
+         "square circle triangle moving left right up down gray").split()
 
 TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=32,
                    text_embed_dim=TEXT_DIM, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,

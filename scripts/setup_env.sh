@@ -15,7 +15,7 @@ fi
 pip_install() { "$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$TORCH_SPEC"
 pip_install ninja numpy pytest safetensors tqdm "diffusers==0.42.0" transformers matplotlib expecttest imageio imageio-ffmpeg pillow \
-  av lpips "torchvision==0.29.1"   # training: PyAV decoding, LPIPS (its VGG16 backbone from torchvision)
+  av lpips "torchvision==0.29.1" peft   # training: PyAV decoding, LPIPS (its VGG16 backbone from torchvision), LoRA
 "$VENV/bin/python" -c "import torch, numpy, pytest, diffusers" >/dev/null
 
 # CUDA toolkit root: the nvcc on PATH may be a wrapper script, so ask nvcc itself.

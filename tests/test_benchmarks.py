@@ -164,3 +164,19 @@ def test_distributed_benchmark_runs_and_measures_the_formulas_bytes(tmp_path):
         if row["world"] == 2:
             assert row["sent"] == row["formula"] and all(s > 0 for s in row["sent"]), row
     assert "measured / formula" in r.stdout
+
+
+def test_rope_vs_sincos_ablation_writes_its_curves_and_verdict(tmp_path):
+    """The ablation script end to end at a toy budget (the real run: README)."""
+    from benchmarks import ablation_rope_vs_sincos as ablation
+
+    out = tmp_path / "ablation"
+    assert ablation.main(["--steps", "3", "--clips", "4", "--held-out", "1", "--window", "2",
+                          "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    header = out.with_suffix(".csv").read_text().splitlines()
+    assert header[0] == "step,3D-RoPE mean,3D-RoPE std,3D sin-cos mean,3D sin-cos std" and len(header) == 4
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert {len(v["runs"]) for v in summary["held_out_loss"].values()} == {3}
+    assert summary["rope_minus_sincos"] == pytest.approx(
+        summary["held_out_loss"]["3D-RoPE"]["mean"] - summary["held_out_loss"]["3D sin-cos"]["mean"])
+    assert out.with_suffix(".png").stat().st_size > 0

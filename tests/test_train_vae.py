@@ -12,7 +12,8 @@ import torch
 from cogvx.models.vae import CausalVAE
 from cogvx.train import checkpoint as ckpt
 from cogvx.train.log import CSVLog, plot_log, read_log
-from cogvx.train.vae import EMA, lr_lambda, psnr, sample_noise, ssim
+from cogvx.train.loop import EMA, lr_lambda, sample_noise
+from cogvx.train.vae import psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -186,6 +187,11 @@ def _parts(seed=0, vae_config=TINY_VAE):
     return vae, disc, opts, scheds
 
 
+def _models(vae, disc, ema=None):
+    """The VAE trainer's checkpointed parts."""
+    return {"vae": vae, "discriminator": disc, **({"vae_ema": ema.model} if ema else {})}
+
+
 def _one_step(vae, disc, opts, scheds):
     x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
     loss = ((vae.decode(vae.encode(x).mean) - x) ** 2).mean() + disc(x).mean()
@@ -203,8 +209,8 @@ def test_checkpoint_round_trip_keep_and_diffusers_loads_it(tmp_path):
     ema = EMA(vae, 0.5)
     config = make_config()
     for step in (1, 2, 3, 4):
-        folder = ckpt.save_checkpoint(tmp_path, step, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
-                                      data_position=step * 10, config=config, ema=ema.model, keep=2)
+        folder = ckpt.save_checkpoint(tmp_path, step, models=_models(vae, disc, ema), optimizers=opts,
+                                      schedulers=scheds, data_position=step * 10, config=config, keep=2)
     assert [s for s, _ in ckpt.checkpoints(tmp_path)] == [3, 4] and ckpt.latest_checkpoint(tmp_path) == folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # no temporaries left
     assert {p.name for p in folder.iterdir()} == {"vae", "vae_ema", "discriminator.safetensors",
@@ -215,8 +221,7 @@ def test_checkpoint_round_trip_keep_and_diffusers_loads_it(tmp_path):
     vae2, disc2, opts2, scheds2 = _parts(seed=1)
     ema2 = EMA(vae2, 0.5)
     torch.manual_seed(123)
-    state = ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2, schedulers=scheds2,
-                                 ema=ema2.model)
+    state = ckpt.load_checkpoint(folder, models=_models(vae2, disc2, ema2), optimizers=opts2, schedulers=scheds2)
     assert state["step"] == 4 and state["data_position"] == 40 and state["config"]["train"]["steps"] == 4
     for a, b in zip([*vae.state_dict().values(), *disc.state_dict().values()],
                     [*vae2.state_dict().values(), *disc2.state_dict().values()]):
@@ -226,10 +231,10 @@ def test_checkpoint_round_trip_keep_and_diffusers_loads_it(tmp_path):
                                opts["vae"].state_dict()["state"][3]["exp_avg"], rtol=0, atol=0)
     assert not torch.equal(torch.rand(3), expected_after)  # set to the state at saving, not left at 123
     # the same step again (a resumed run ending where it started) replaces the folder whole
-    ckpt.save_checkpoint(tmp_path, 4, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
-                         data_position=41, config=config, ema=ema.model, keep=2)
-    assert ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2,
-                                schedulers=scheds2, ema=ema2.model)["data_position"] == 41
+    ckpt.save_checkpoint(tmp_path, 4, models=_models(vae, disc, ema), optimizers=opts, schedulers=scheds,
+                         data_position=41, config=config, keep=2)
+    assert ckpt.load_checkpoint(folder, models=_models(vae2, disc2, ema2), optimizers=opts2,
+                                schedulers=scheds2)["data_position"] == 41
     # diffusers loads the VAE folder and decodes the same
     theirs = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae").eval()
     ours = CausalVAE.from_pretrained(folder / "vae")
@@ -240,32 +245,32 @@ def test_checkpoint_round_trip_keep_and_diffusers_loads_it(tmp_path):
 
 def test_incompatible_checkpoint_is_a_clear_error_and_kept(tmp_path):
     vae, disc, opts, scheds = _parts()
-    folder = ckpt.save_checkpoint(tmp_path, 2, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds,
+    folder = ckpt.save_checkpoint(tmp_path, 2, models=_models(vae, disc), optimizers=opts, schedulers=scheds,
                                   data_position=0, config=make_config())
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
     other = dict(TINY_VAE, latent_channels=8)
     vae2, disc2, opts2, scheds2 = _parts(vae_config=other)
     before = [p.clone() for p in vae2.parameters()]
     with pytest.raises(ckpt.CheckpointError, match=r"latent_channels: checkpoint 4, now 8"):
-        ckpt.load_checkpoint(folder, vae=vae2, discriminator=disc2, optimizers=opts2, schedulers=scheds2)
+        ckpt.load_checkpoint(folder, models=_models(vae2, disc2), optimizers=opts2, schedulers=scheds2)
     assert all(torch.equal(a, b) for a, b in zip(before, vae2.parameters()))  # nothing changed
     from cogvx.train.losses import Discriminator3D
     with pytest.raises(ckpt.CheckpointError, match="discriminator tensor"):
-        ckpt.load_checkpoint(folder, vae=vae, discriminator=Discriminator3D(3, 16, 2), optimizers=opts,
+        ckpt.load_checkpoint(folder, models=_models(vae, Discriminator3D(3, 16, 2)), optimizers=opts,
                              schedulers=scheds)
     with pytest.raises(ckpt.CheckpointError, match=r"optimizers: checkpoint \['discriminator', 'vae'\], now \['vae'\]"):
-        ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers={"vae": opts["vae"]}, schedulers=scheds)
+        ckpt.load_checkpoint(folder, models=_models(vae, disc), optimizers={"vae": opts["vae"]}, schedulers=scheds)
     (folder / "discriminator.safetensors").rename(tmp_path / "moved")
-    with pytest.raises(ckpt.CheckpointError, match="incomplete: missing discriminator.safetensors"):
-        ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds)
+    with pytest.raises(ckpt.CheckpointError, match="incomplete or of another kind of run: missing discriminator.safetensors"):
+        ckpt.load_checkpoint(folder, models=_models(vae, disc), optimizers=opts, schedulers=scheds)
     (tmp_path / "moved").rename(folder / "discriminator.safetensors")
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == files
-    ckpt.load_checkpoint(folder, vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds)
+    ckpt.load_checkpoint(folder, models=_models(vae, disc), optimizers=opts, schedulers=scheds)
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
     vae, disc, opts, scheds = _parts()
-    kwargs = dict(vae=vae, discriminator=disc, optimizers=opts, schedulers=scheds, data_position=0, config={})
+    kwargs = dict(models=_models(vae, disc), optimizers=opts, schedulers=scheds, data_position=0, config={})
     good = ckpt.save_checkpoint(tmp_path, 1, **kwargs, keep=1)
 
     class Broken:

@@ -97,6 +97,16 @@ class TransformerConfig(loading.DiffusersConfig):
         return self.in_channels if self.out_channels is None else self.out_channels
 
 
+# The public checkpoints' transformer configs, as changes to TransformerConfig's defaults (2B's):
+# a model built from a layout has the checkpoint's shapes (training from scratch, tests)
+LAYOUTS = {
+    "2b": {},
+    "5b": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
+    "1.5": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True, patch_size_t=2,
+                patch_bias=False, sample_frames=81, sample_height=300, sample_width=300),
+}
+
+
 class ExpertAdaLayerNorm(nn.Module):
     """One LayerNorm shared by all tokens, modulated separately for text and video tokens (the
     "experts"): a linear of SiLU(time embedding) gives shift, scale, gate for video, then for text.
@@ -238,9 +248,12 @@ class Transformer3D(nn.Module):
         loading.load_weights(model, folder, dtype=dtype, device=device)
         return model.eval()
 
-    def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30) -> None:
-        """Write config.json + diffusion_pytorch_model*.safetensors, readable by diffusers."""
-        loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size)
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write config.json + diffusion_pytorch_model*.safetensors, readable by diffusers
+        (`state_dict`: other tensors of this model's names, e.g. gathered from a sharded copy)."""
+        loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size,
+                                state_dict=state_dict)
 
     def set_backend(self, backend: str | None) -> "Transformer3D":
         backend = check_backend(backend)

@@ -581,8 +581,10 @@ class CausalVAE(nn.Module):
                                f"{'encode' if part == 'encoder' else 'decode'}")
         return module
 
-    def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30) -> None:
-        loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size)
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int = 10 * 2**30,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size,
+                                state_dict=state_dict)
 
     def _chunks(self, frames: int, size: int):
         return [(0, frames)] if self.chunking == "whole" else frame_chunks(frames, size)

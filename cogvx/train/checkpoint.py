@@ -1,18 +1,23 @@
 """Training checkpoints: `OUT/checkpoint-{step}/` holding
 
-- `vae/`: a diffusers-format VAE folder (our `save_pretrained`; diffusers' `AutoencoderKLCogVideoX`
-  loads it), and `vae_ema/` likewise when an EMA of the weights is kept;
-- `discriminator.safetensors`;
-- `training_state.pt`: step, data position, world size, the optimisers' and LR schedules' states and
-  the RNG states of every rank (torch CPU and CUDA, numpy, Python `random`), gathered to rank 0;
+- one entry per named model part: a diffusers-format folder `NAME/` for a model with
+  `save_pretrained` and a `config` (the VAE and its EMA, `vae/` and `vae_ema/`, which diffusers'
+  `AutoencoderKLCogVideoX` loads; the fine-tuned transformer, `transformer/`), else a
+  `NAME.safetensors` file of its `state_dict()` (the discriminator; LoRA adapters as
+  `pytorch_lora_weights.safetensors`, the file diffusers' `load_lora_weights` reads, with the
+  part's `safetensors_metadata`);
+- `training_state.pt`: step, data position, world size, the optimisers' and LR schedules' states
+  and the RNG states of every rank (torch CPU and CUDA, numpy, Python `random`), gathered to rank 0;
 - `train_config.json`: the training config used.
 
-A checkpoint is written into a temporary folder beside it and renamed into place by rank 0 (the other
-ranks wait at a barrier), so a `checkpoint-N` folder is always complete: the latest is the highest N
-found by scanning. The last `keep` are kept; older ones are removed only after a newer one is in
-place. Loading checks compatibility first (VAE config, discriminator tensor names and shapes,
-optimiser groups, world size) and raises `CheckpointError` naming what differs; nothing on disk is
-touched by loading.
+Parts and optimisers may be FSDP2-sharded: every rank takes part in gathering their full tensors
+(`DTensor.full_tensor`, or `ShardedOptimizer` for an optimiser's state), rank 0 writes; loading
+gives every rank the full tensors and each keeps its shard. A checkpoint is written into a
+temporary folder beside it and renamed into place by rank 0 (the other ranks wait at a barrier), so
+a `checkpoint-N` folder is always complete: the latest is the highest N found by scanning. The last
+`keep` are kept; older ones are removed only after a newer one is in place. Loading checks
+compatibility first (configs, tensor names and shapes, optimiser groups, world size) and raises
+`CheckpointError` naming what differs; nothing on disk is touched by loading.
 """
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .._atomic import atomic_folder
+from ..loading import weight_files
 
 STATE = "training_state.pt"
-DISCRIMINATOR = "discriminator.safetensors"
 CONFIG = "train_config.json"
 FORMAT = 1
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -100,6 +107,79 @@ def _gathered_rng_states() -> list[dict]:
     return states
 
 
+# -- sharded tensors --------------------------------------------------------------------------------
+def _is_folder(part) -> bool:
+    """Whether a part is written as a diffusers-format folder (else as NAME.safetensors)."""
+    return hasattr(part, "save_pretrained") and hasattr(part, "config")
+
+
+def full_state_dict(part) -> dict[str, torch.Tensor]:
+    """A part's state with FSDP shards gathered (every rank must call it: gathering is collective);
+    rank 0 gets the tensors (gathered ones on the CPU), the other ranks an empty dict."""
+    rank, _ = _rank_world()
+    out = {}
+    for name, tensor in part.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor().cpu()  # one tensor at a time: the device holds one more at most
+        if rank == 0:
+            out[name] = tensor.detach()
+    return out
+
+
+@torch.no_grad()
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into `target`, or into this rank's shard of it for an FSDP DTensor (every
+    rank holds `full`: each takes its part, no communication)."""
+    if isinstance(target, DTensor):
+        local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                  src_data_rank=None)
+        target.to_local().copy_(local.to_local())
+    else:
+        target.copy_(full)
+
+
+def load_full_state_dict(part, state: dict[str, torch.Tensor]) -> None:
+    """Full tensors into a part: its own load_state_dict, or for an FSDP-sharded module each of its
+    tensors' shard taken from the full one."""
+    current = part.state_dict()
+    if isinstance(part, nn.Module) and any(isinstance(t, DTensor) for t in current.values()):
+        for name, tensor in current.items():
+            copy_full_into(tensor, state[name])
+    else:
+        part.load_state_dict(state)
+
+
+class ShardedOptimizer:
+    """An optimiser over FSDP-sharded parameters as checkpoints see it: its state as full tensors
+    keyed by parameter name, gathered to rank 0 (torch.distributed.checkpoint.state_dict), and loaded
+    back into each rank's shards. Every rank calls both."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def differences(self, name: str, saved: dict) -> list[str]:
+        """What keeps `saved` (a state_dict() of another run) from loading here: other parameters or
+        other shapes."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        now = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+        groups = [list(g["params"]) for g in saved["param_groups"]]
+        if now != groups:
+            return [f"optimizer {name!r}: parameters {sum(map(len, groups))} in the checkpoint, {sum(map(len, now))} "
+                    f"now, or other names"]
+        shapes = dict((n, tuple(p.shape)) for n, p in self.model.named_parameters())
+        bad = [p for p, s in saved["state"].items() if "exp_avg" in s and tuple(s["exp_avg"].shape) != shapes.get(p)]
+        return [f"optimizer {name!r}: state of {len(bad)} parameters has other shapes"] if bad else []
+
+
 # -- saving -------------------------------------------------------------------------------------------
 def _config_dict(config) -> dict:
     if hasattr(config, "to_dict"):
@@ -109,15 +189,16 @@ def _config_dict(config) -> dict:
     return json.loads(json.dumps(config, default=str))  # Paths and tuples as JSON has them
 
 
-def _write(folder: Path, step, vae, discriminator, optimizers, schedulers, data_position, config, ema, rngs):
-    vae.save_pretrained(folder / "vae")
-    if ema is not None:
-        ema.save_pretrained(folder / "vae_ema")
-    save_file({k: v.detach().contiguous() for k, v in discriminator.state_dict().items()},
-              str(folder / DISCRIMINATOR), metadata={"format": "pt"})
+def _write(folder: Path, step, models, states, optimizers, schedulers, data_position, config, rngs):
+    for name, part in models.items():
+        if _is_folder(part):
+            part.save_pretrained(folder / name, state_dict=states[name])
+        else:
+            tensors = {k: v.detach().contiguous() for k, v in states[name].items()}
+            metadata = {"format": "pt", **getattr(part, "safetensors_metadata", {})}
+            save_file(tensors, str(folder / f"{name}.safetensors"), metadata=metadata)
     torch.save({"format": FORMAT, "step": step, "data_position": data_position, "world_size": len(rngs),
-                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                "optimizers": optimizers, "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
                 "rng": rngs}, folder / STATE)
     (folder / CONFIG).write_text(json.dumps(_config_dict(config), indent=2, sort_keys=True))
 
@@ -129,21 +210,23 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, *, vae, discriminator, optimizers: dict, schedulers: dict,
-                    data_position: int, config, ema=None, keep: int = 3) -> Path:
-    """Write `out_dir/checkpoint-{step}` (see the module docstring); every rank calls it (their RNG
-    states are gathered), rank 0 writes. `vae` and `ema` are CausalVAEs (unwrapped from DDP);
-    `optimizers`/`schedulers` map names to objects with state_dict(). Keeps the newest `keep`
-    checkpoints. Returns the folder."""
+def save_checkpoint(out_dir: str | Path, step: int, *, models: dict, optimizers: dict, schedulers: dict,
+                    data_position: int, config, keep: int = 3) -> Path:
+    """Write `out_dir/checkpoint-{step}` (see the module docstring); every rank calls it (shards and
+    RNG states are gathered), rank 0 writes. `models` maps names to parts (modules unwrapped from
+    DDP; FSDP modules as they are); `optimizers`/`schedulers` map names to objects with
+    state_dict(). Keeps the newest `keep` checkpoints. Returns the folder."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1; got {keep}")
     rank, _ = _rank_world()
+    states = {name: full_state_dict(part) for name, part in models.items()}
+    optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
     rngs = _gathered_rng_states()
     folder = Path(out_dir) / f"checkpoint-{step}"
     if rank == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write = lambda tmp: _write(tmp, step, vae, discriminator, optimizers, schedulers,  # noqa: E731
-                                   data_position, config, ema, rngs)
+        write = lambda tmp: _write(tmp, step, models, states, optimizer_states, schedulers,  # noqa: E731
+                                   data_position, config, rngs)
         if os.path.lexists(folder):  # the same step again (a resumed run's last step): replaced whole
             fresh = Path(out_dir) / f".checkpoint-{step}.new"
             shutil.rmtree(fresh, ignore_errors=True)
@@ -175,6 +258,8 @@ def _shape_differences(what: str, saved: dict, current: dict) -> list[str]:
 
 
 def _optimizer_differences(name: str, saved: dict, opt) -> list[str]:
+    if hasattr(opt, "differences"):  # ShardedOptimizer: by parameter name
+        return opt.differences(name, saved)
     groups, now = saved["param_groups"], opt.state_dict()["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in now]:
         return [f"optimizer {name!r}: parameter groups of {[len(g['params']) for g in groups]} tensors in the "
@@ -186,28 +271,47 @@ def _optimizer_differences(name: str, saved: dict, opt) -> list[str]:
     return [f"optimizer {name!r}: state of {len(bad)} parameters has other shapes"] if bad else []
 
 
-def load_checkpoint(folder: str | Path, *, vae, discriminator, optimizers: dict, schedulers: dict,
-                    ema=None) -> dict:
-    """Restore what save_checkpoint wrote into the given objects (weights copied into the existing
-    parameters, so optimisers and DDP keep theirs) and this rank's RNG states. Returns
-    {"step", "data_position", "config"}. Checks everything before changing anything: an incompatible
-    checkpoint raises CheckpointError listing every difference, and leaves the objects as they were."""
-    from ..models.vae import CausalVAE
+def _read_part(folder: Path, name: str, part) -> tuple[dict | None, dict]:
+    """(the saved config or None, the saved tensors) of one part."""
+    if _is_folder(part):
+        config = json.loads((folder / name / "config.json").read_text())
+        tensors = {}
+        for path in weight_files(folder / name):
+            tensors.update(load_file(str(path)))
+        return config, tensors
+    return None, load_file(str(folder / f"{name}.safetensors"))
 
+
+def _entry(name: str, part) -> str:
+    return f"{name}/config.json" if _is_folder(part) else f"{name}.safetensors"
+
+
+def load_checkpoint(folder: str | Path, *, models: dict, optimizers: dict, schedulers: dict) -> dict:
+    """Restore what save_checkpoint wrote into the given objects (weights copied into the existing
+    parameters, so optimisers, DDP and FSDP keep theirs; every rank calls it) and this rank's RNG
+    states. Returns {"step", "data_position", "config"}. Checks everything before changing anything:
+    an incompatible checkpoint raises CheckpointError listing every difference, and leaves the
+    objects as they were."""
     folder = Path(folder)
-    missing = [name for name in ("vae/config.json", DISCRIMINATOR, STATE) + (("vae_ema/config.json",) if ema else ())
-               if not (folder / name).is_file()]
+    missing = [_entry(name, part) for name, part in models.items() if not (folder / _entry(name, part)).is_file()]
+    missing += [STATE] if not (folder / STATE).is_file() else []
     if missing:
-        raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in (STATE, CONFIG))
+        raise CheckpointError(f"checkpoint {folder} is incomplete or of another kind of run: missing "
+                              f"{', '.join(missing)} (it holds {', '.join(held) or 'nothing else'})")
     try:
         state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-        saved_vae = json.loads((folder / "vae" / "config.json").read_text())
-        disc = load_file(str(folder / DISCRIMINATOR))
+        saved = {name: _read_part(folder, name, part) for name, part in models.items()}
     except Exception as exc:  # unreadable: name the file and the cause
         raise CheckpointError(f"checkpoint {folder} cannot be read: {type(exc).__name__}: {exc}") from exc
     rank, world = _rank_world()
-    problems = [f"VAE config {d}" for d in _differences(saved_vae, vae.config.to_dict())]
-    problems += _shape_differences("discriminator tensor", disc, discriminator.state_dict())
+    problems = []
+    for name, part in models.items():
+        config, tensors = saved[name]
+        if config is not None:
+            problems += [f"{name} config {d}" for d in _differences(config, part.config.to_dict())]
+        shapes = _shape_differences(f"{name} tensor", tensors, part.state_dict())
+        problems += shapes[:5] + ([f"… and {len(shapes) - 5} more {name} tensors"] if len(shapes) > 5 else [])
     if state.get("format") != FORMAT:
         problems.append(f"training state format {state.get('format')!r}, this version reads {FORMAT}")
     if state.get("world_size") != world:
@@ -220,16 +324,8 @@ def load_checkpoint(folder: str | Path, *, vae, discriminator, optimizers: dict,
                  for p in _optimizer_differences(name, state["optimizers"][name], opt)]
     if problems:
         raise CheckpointError(f"cannot resume from {folder}: " + "; ".join(problems))
-    try:
-        weights = CausalVAE.from_pretrained(folder / "vae", dtype=torch.float32).state_dict()
-        ema_weights = CausalVAE.from_pretrained(folder / "vae_ema", dtype=torch.float32).state_dict() if ema else None
-    except Exception as exc:
-        raise CheckpointError(f"cannot resume from {folder}: {exc}") from exc
-    with torch.no_grad():
-        vae.load_state_dict(weights)
-        if ema is not None:
-            ema.load_state_dict(ema_weights)
-        discriminator.load_state_dict(disc)
+    for name, part in models.items():
+        load_full_state_dict(part, saved[name][1])
     for name, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in schedulers.items():

@@ -1,5 +1,6 @@
-"""The VAE's training losses: reconstruction, KL, LPIPS, a 3D PatchGAN discriminator and its losses,
-LDM's adaptive GAN weight and the R1 gradient penalty.
+"""Training losses. The VAE's: reconstruction, KL, LPIPS, a 3D PatchGAN discriminator and its losses,
+LDM's adaptive GAN weight and the R1 gradient penalty. The transformer's: `v_prediction_loss` (at
+the end of this file).
 
 Videos are (B, C, F, H, W). The trainer combines the terms (LDM's LPIPSWithDiscriminator, one term
 at a time so each can be logged):
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["reconstruction_loss", "kl_loss", "LPIPS", "Discriminator3D", "discriminator_loss",
-           "generator_loss", "adaptive_weight", "gradient_penalty"]
+           "generator_loss", "adaptive_weight", "gradient_penalty", "velocity", "v_prediction_loss"]
 
 GAN_KINDS = ("hinge", "non_saturating")
 
@@ -227,3 +228,32 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tens
     logits = discriminator(real)
     (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+# -- the transformer's diffusion loss --------------------------------------------------------------------
+def _at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t per sample, shaped to broadcast over `like` (B, ...), in fp32."""
+    alphas = alphas_cumprod.to(like.device)[timesteps.to(like.device)].float()
+    return alphas.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0 (fp32), with ᾱ from a scheduler's
+    `alphas_cumprod` table (its SNR shift and zero-terminal-SNR rescale included)."""
+    alphas = _at(alphas_cumprod, timesteps, latents)
+    return alphas.sqrt() * noise.float() - (1 - alphas).sqrt() * latents.float()
+
+
+def v_prediction_loss(prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """mean((v_pred − v)²) over every element (fp32): the model saw x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε
+    at timesteps (B,) and predicted v. This is diffusers' CogVideoX trainer's loss: it turns v_pred into
+    x0_pred = sqrt(ᾱ)·x_t − sqrt(1 − ᾱ)·v_pred and weights (x0_pred − x0)² by 1/(1 − ᾱ); since
+    x0_pred − x0 = −sqrt(1 − ᾱ)·(v_pred − v), the weight cancels exactly."""
+    if prediction.shape != latents.shape or noise.shape != latents.shape:
+        raise ValueError(f"prediction, latents and noise must have one shape; got {tuple(prediction.shape)}, "
+                         f"{tuple(latents.shape)}, {tuple(noise.shape)}")
+    if timesteps.shape != (latents.shape[0],):
+        raise ValueError(f"timesteps must be ({latents.shape[0]},), one per sample; got {tuple(timesteps.shape)}")
+    return F.mse_loss(prediction.float(), velocity(latents, noise, timesteps, alphas_cumprod))

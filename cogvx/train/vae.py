@@ -33,9 +33,7 @@ from the RNG states a checkpoint restores.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +48,8 @@ from ..loading import ConfigError
 from ..models.vae import CausalVAE
 from . import checkpoint as ckpt
 from .log import CSVLog, peak_memory, progress
+from .loop import (EMA, autocast_context, distributed, lr_lambda, mean_over_ranks, resume_point,
+                   sample_noise, training_device)
 
 KEEP_CHECKPOINTS = 3
 TERMS = ("rec", "kl", "lpips", "gan", "gan_weight", "disc", "gp")
@@ -91,19 +91,6 @@ def to_unit(video: torch.Tensor) -> torch.Tensor:
 
 
 # -- pieces of the loop -------------------------------------------------------------------------------
-class EMA:
-    """An exponential moving average of a model's weights: ema ← decay·ema + (1 − decay)·weights."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
-
-
 class Autoencode(nn.Module):
     """encode → sample (mean + std · noise) → decode as one forward, so DDP sees the whole step.
     Under autocast the latents are cast back to the weights' dtype (the decoder checks it)."""
@@ -116,52 +103,6 @@ class Autoencode(nn.Module):
         posterior = self.vae.encode(video)
         latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         return self.vae.decode(latents.to(video.dtype)), posterior
-
-
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warm-up over `warmup` steps, then 1 (constant) or a cosine from 1 to 0 at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        done = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * done))
-    return factor
-
-
-def sample_noise(shape, seed: int, step: int, micro: int, indices: list[int], device, dtype) -> torch.Tensor:
-    """Standard normal noise (B, ...) for the samples at `indices` of the global batch (all ranks'
-    clips in the order one process would hold them): each sample's from its own generator seeded by
-    (seed, step, micro-batch, index)."""
-    out = []
-    for i in indices:
-        key = int(np.random.SeedSequence([seed, step, micro, i]).generate_state(1, np.uint64)[0])
-        g = torch.Generator().manual_seed(key)
-        out.append(torch.randn(shape[1:], generator=g, dtype=torch.float32))
-    return torch.stack(out).to(device=device, dtype=dtype)
-
-
-def _distributed(device_kind: str) -> tuple[int, int, bool]:
-    """(rank, world, whether we initialised the process group): from torchrun's environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def _device(kind: str) -> torch.device:
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 def _adaptive_weight(nll, gan, last_layer: torch.Tensor, max_weight: float, world: int, context_parallel: bool):
@@ -178,13 +119,6 @@ def _adaptive_weight(nll, gan, last_layer: torch.Tensor, max_weight: float, worl
     if not context_parallel:
         grads /= world
     return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
-def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    return values
 
 
 def _frames_uint8(video: torch.Tensor) -> np.ndarray:
@@ -238,19 +172,14 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
     config.check_files()
 
     # ---- set-up: processes, device, seed
-    device = _device(c_train.device)
-    rank, world, owns_group = _distributed(device.type)
+    device = training_device(c_train.device)
+    rank, world, owns_group = distributed(device.type)
     log = bar = None
     try:
         config.check_world(world)
         context_parallel = c_train.context_parallel and world > 1
         main = rank == 0
-        latest = ckpt.latest_checkpoint(out_dir)
-        if resume and latest is None:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint in {out_dir} to resume from")
-        if not resume and latest is not None:
-            raise ckpt.CheckpointError(f"{out_dir} already has checkpoints (latest {latest.name}): pass --resume "
-                                       f"to continue that run, or choose another output folder")
+        latest = resume_point(out_dir, resume)
         torch.manual_seed(c_train.seed)  # the same initial weights on every rank
         np.random.seed(c_train.seed)
 
@@ -297,6 +226,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_optim, schedule)
         optimizers = {"vae": optim, "discriminator": disc_optim}
         schedulers = {"vae": sched, "discriminator": disc_sched}
+        parts = {"vae": vae, "discriminator": discriminator, **({"vae_ema": ema.model} if ema else {})}  # checkpointed
 
         # ---- data: the last validation_clips clips held out
         try:  # a folder with no readable file, too few clips to hold some out: before any step
@@ -311,16 +241,14 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         # ---- resume
         step, position = 0, 0
         if resume:
-            state = ckpt.load_checkpoint(latest, vae=vae, discriminator=discriminator, optimizers=optimizers,
-                                         schedulers=schedulers, ema=ema.model if ema else None)
+            state = ckpt.load_checkpoint(latest, models=parts, optimizers=optimizers, schedulers=schedulers)
             step, position = state["step"], state["data_position"]
             if main:
                 print(f"resumed from {latest} at step {step}")
         batches = Batches(train_set, batch_size=c_data.batch_size, seed=c_data.seed, rank=data_rank,
                           world=data_world, num_workers=c_data.num_workers, start=position)
 
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    and c_train.mixed_precision == "bf16" else contextlib.nullcontext())
+        autocast = autocast_context(device, c_train.mixed_precision)
         columns = ["step", "loss", *TERMS, "lr", "disc_lr", "grad_norm", "disc_grad_norm", "sec_per_step",
                    "peak_memory", "skipped", "val_psnr", "val_ssim"]
         log = CSVLog(out_dir / "log.csv", columns, resume_step=step) if main else None
@@ -435,7 +363,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                     terms = terms.cpu()
                     terms[4] = weight
                 else:
-                    terms = _mean_over_ranks(terms.to(device), world).cpu()
+                    terms = mean_over_ranks(terms.to(device), world).cpu()
                 total_skipped = torch.tensor([skipped], device=device)
                 if world > 1 and not context_parallel:
                     dist.all_reduce(total_skipped)
@@ -465,10 +393,9 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                                 refresh=False)
             bar.update(1)
             if step % c_train.checkpoint_every == 0 or step == c_train.steps:
-                saved = ckpt.save_checkpoint(out_dir, step, vae=vae, discriminator=discriminator,
-                                             optimizers=optimizers, schedulers=schedulers,
-                                             data_position=batches.position, config=config,
-                                             ema=ema.model if ema else None, keep=KEEP_CHECKPOINTS)
+                saved = ckpt.save_checkpoint(out_dir, step, models=parts, optimizers=optimizers,
+                                             schedulers=schedulers, data_position=batches.position, config=config,
+                                             keep=KEEP_CHECKPOINTS)
         return {"step": step, "checkpoint": saved, "last": row, "validation": scores}
     finally:  # also when stopped (Ctrl-C, SIGTERM): the bar ends before the caller's last line
         if bar is not None:

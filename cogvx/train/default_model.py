@@ -1,0 +1,104 @@
+"""The embedded default model, retrained from scratch: `cogvx train-default-model [--out DIR]
+[--work DIR] [--seed N]` (`--out cogvx/assets/tiny-cogvideox` replaces the shipped one).
+
+1. the VAE: configs/default-model-vae.toml on `synthetic:shapes` (`train_vae`), into WORK/vae;
+2. the pipeline folder around it, WORK/base: the project's word-level tokenizer and frozen random T5
+   (`cogvx.tiny`, drawn from the seed), the scheduler config, and stage 1's VAE;
+3. the latents: every clip of the transformer config's data through that VAE and T5, once
+   (`cache_latents`), into WORK/cache;
+4. the transformer: configs/default-model-transformer.toml on the cache (`train_transformer`), into
+   WORK/transformer;
+5. OUT: WORK/base with the transformer's EMA weights, written beside OUT and renamed into place.
+
+Every stage continues where an interrupted run stopped (checkpoints, whole cache shards) and a
+finished one is skipped, so the same command finishes the job. Deterministic from the seed for a
+given machine and thread count (CPU float sums depend on how threads split them).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .. import tiny
+from . import checkpoint as ckpt
+from .config import TransformerTrainConfig, VAETrainConfig, read_toml
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+VAE_CONFIG = CONFIGS / "default-model-vae.toml"
+TRANSFORMER_CONFIG = CONFIGS / "default-model-transformer.toml"
+
+
+def _configs(vae_config: Path, transformer_config: Path, work: Path, seed: int):
+    """Both stages' configs with their folders in `work` and the seed in every place that draws."""
+    vae = read_toml(vae_config, "VAE training")
+    vae["data"]["seed"] = vae["train"]["seed"] = seed
+    vae["train"]["out"] = str(work / "vae")
+    transformer = read_toml(transformer_config, "transformer training")
+    transformer["model"]["pipeline"] = str(work / "base")
+    transformer["data"]["cache"] = str(work / "cache")
+    transformer["data"]["seed"] = transformer["train"]["seed"] = seed
+    transformer["train"]["out"] = str(work / "transformer")
+    return (VAETrainConfig.from_dict(vae, source=vae_config),
+            TransformerTrainConfig.from_dict(transformer, source=transformer_config))
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """staging renamed to target; an existing target is moved aside first and removed after."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_part(out_dir: Path, *names: str) -> Path:
+    """The first of `names` in the newest checkpoint of a finished stage."""
+    latest = ckpt.latest_checkpoint(out_dir)
+    for name in names:
+        if latest is not None and (latest / name).is_dir():
+            return latest / name
+    raise ckpt.CheckpointError(f"{out_dir}: no checkpoint with {' or '.join(names)}/ after training")
+
+
+def train_default_model(out: str | Path, *, work: str | Path = "runs/default-model", seed: int = 0,
+                        vae_config: str | Path = VAE_CONFIG, transformer_config: str | Path = TRANSFORMER_CONFIG,
+                        progress: bool = True) -> Path:
+    from .cache import cache_latents
+    from .data import make_dataset
+    from .transformer import train_transformer
+    from .vae import train_vae
+
+    out, work = Path(out), Path(work)
+    vae_config, transformer_config = Path(vae_config), Path(transformer_config)
+    c_vae, c_transformer = _configs(vae_config, transformer_config, work, seed)
+    work.mkdir(parents=True, exist_ok=True)
+
+    print(f"[1/4] VAE ({c_vae.train.steps} steps) -> {work / 'vae'}", flush=True)
+    train_vae(c_vae, resume=ckpt.latest_checkpoint(work / "vae") is not None)
+
+    print(f"[2/4] pipeline folder -> {work / 'base'}", flush=True)
+    staging = work / ".base.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    transformer_layout = c_transformer.transformer_config().to_dict()
+    tiny.build(staging, seed=seed, transformer=transformer_layout, vae=c_vae.vae_config().to_dict())
+    shutil.rmtree(staging / "vae")
+    shutil.copytree(_last_part(work / "vae", "vae"), staging / "vae")
+    _move_into_place(staging, work / "base")
+
+    print(f"[3/4] latents and text embeddings -> {work / 'cache'}", flush=True)
+    data = c_transformer.data
+    dataset = make_dataset(data.source, buckets=data.shapes, seed=data.seed, length=data.length)
+    cache_latents(dataset, work / "base", work / "cache", progress=progress)
+
+    print(f"[4/4] transformer ({c_transformer.train.steps} steps) -> {work / 'transformer'}", flush=True)
+    train_transformer(c_transformer, resume=ckpt.latest_checkpoint(work / "transformer") is not None)
+
+    staging = out.with_name(f".{out.name}.partial")  # beside out: the rename stays on one file system
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(work / "base", staging)
+    shutil.rmtree(staging / "transformer")
+    shutil.copytree(_last_part(work / "transformer", "transformer_ema", "transformer"), staging / "transformer")
+    _move_into_place(staging, out)
+    print(f"the default model is in {out}")
+    return out

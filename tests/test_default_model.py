@@ -1,0 +1,99 @@
+"""The embedded default model: `cogvx train-default-model` runs its stages (VAE, pipeline folder,
+latent cache, transformer) and continues an interrupted run; the same seed gives the same weights;
+the shipped folder is an ordinary diffusers CogVideoX pipeline that diffusers loads and runs to our
+frames."""
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cogvx.cli import DEFAULT_MODEL, main
+from cogvx.pipeline import Pipeline
+from cogvx.train import default_model
+
+# the shipped configs with a few steps at 32x32: the stages, not the budget
+SMALL = {"VAE": [("steps = 1500", "steps = 2"), ("checkpoint_every = 250", "checkpoint_every = 1"),
+                 ("validate_every = 250", "validate_every = 0"), ("length = 4096", "length = 16"),
+                 ("batch_size = 4", "batch_size = 1"), ("height = 64", "height = 32"), ("width = 96", "width = 32")],
+         "transformer": [("steps = 3000", "steps = 2"), ("checkpoint_every = 500", "checkpoint_every = 1"),
+                         ("validate_every = 1000", "validate_every = 0"), ("length = 2048", "length = 4"),
+                         ("batch_size = 8", "batch_size = 2"), ("[9, 64, 96], [1, 64, 96]", "[9, 32, 32], [1, 32, 32]")]}
+
+
+def small_configs(folder: Path) -> tuple[Path, Path]:
+    paths = []
+    for what, source in (("VAE", default_model.VAE_CONFIG), ("transformer", default_model.TRANSFORMER_CONFIG)):
+        text = source.read_text()
+        for old, new in SMALL[what]:
+            assert old in text, f"{source.name} no longer has {old!r}: update this test's small budget"
+            text = text.replace(old, new)
+        paths.append(folder / source.name)
+        paths[-1].write_text(text)
+    return tuple(paths)
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default-model")
+    vae_config, transformer_config = small_configs(root)
+    args = ["train-default-model", "--vae-config", str(vae_config), "--transformer-config", str(transformer_config)]
+    assert main([*args, "--work", str(root / "work"), "--out", str(root / "model")]) == 0
+    return root, args
+
+
+def test_the_command_writes_a_pipeline_our_pipeline_runs(retrained):
+    root, _ = retrained
+    model = root / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
+                                                       "transformer", "vae"]
+    assert not list(root.glob(".model.*")), "the staging folder is renamed into place"
+    # stage 1's VAE and stage 2's (EMA) transformer are the ones shipped
+    work = root / "work"
+    assert digest(model / "vae") == digest(work / "vae" / "checkpoint-2" / "vae")
+    assert digest(model / "transformer") == digest(work / "transformer" / "checkpoint-2" / "transformer_ema")
+    video = Pipeline.from_pretrained(model, dtype=torch.float32)(
+        "a red square moving left", num_frames=9, height=32, width=32, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0), output_type="np", progress=False).frames
+    assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all()
+
+
+def test_a_rerun_continues_and_the_seed_decides_the_weights(retrained, capsys):
+    root, args = retrained
+    before = digest(root / "model")
+    assert main([*args, "--work", str(root / "work"), "--out", str(root / "model")]) == 0  # every stage done
+    assert "resumed from" in capsys.readouterr().out
+    assert digest(root / "model") == before
+    assert main([*args, "--work", str(root / "again"), "--out", str(root / "again-model")]) == 0
+    assert digest(root / "again-model") == before
+    assert main([*args, "--work", str(root / "seed1"), "--out", str(root / "seed1-model"), "--seed", "1"]) == 0
+    assert digest(root / "seed1-model") != before
+
+
+def test_missing_config_is_one_line(tmp_path, capsys):
+    assert main(["train-default-model", "--vae-config", str(tmp_path / "nope.toml"), "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"cogvx: error: config .*nope\.toml does not exist .*", err) and "\n" not in err
+
+
+def test_embedded_model_equals_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.CogVideoXPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    kwargs = dict(num_frames=9, height=64, width=96, num_inference_steps=4, guidance_scale=6.0)
+    expected = ref("a red square moving left", generator=torch.Generator().manual_seed(0), output_type="np",
+                   **kwargs).frames
+    actual = ours("a red square moving left", generator=torch.Generator().manual_seed(0), output_type="np",
+                  progress=False, **kwargs).frames
+    err = np.abs(actual - expected).max()
+    assert actual.shape == expected.shape and err <= 1e-4, f"max |ours - diffusers| = {err:.3g}"
