@@ -197,6 +197,16 @@ def common_backends() -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if all(b in impls for impls in _REGISTRY.values()))
 
 
+def check_common_backend(backend: str | None) -> str | None:
+    """A backend name for a whole model or integration (every op it runs must have it), or None
+    (automatic); refused when set, not at the first forward."""
+    names = common_backends()
+    if backend is not None and backend not in names:
+        raise ValueError(f"backend must be one of {', '.join(names)} or None (automatic); got {backend!r} "
+                         "(attention-only backends such as sdpa are chosen automatically or per op)")
+    return backend
+
+
 def available(op: str, device: torch.device | str) -> tuple[str, ...]:
     return tuple(i.backend for i in implementations(op) if i.unavailable(device) is None)
 

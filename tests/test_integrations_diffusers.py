@@ -3,6 +3,7 @@ nn.JointAttention against diffusers' Attention: same outputs and gradients."""
 import pytest
 import torch
 
+from cogvx_kernels import _registry
 from cogvx_kernels.integrations.diffusers import CogVideoXAttnProcessor
 from cogvx_kernels.nn import JointAttention, Rope3D
 from parity import assert_close, backend_params, implementation
@@ -17,13 +18,18 @@ VARIANTS = [("5b", 3, 8, 12), ("5b", 2, 6, 10), ("1.5", 4, 8, 12), ("2b", 3, 8, 
 IDS = ["rope-native", "rope-crop", "rope-1.5", "sincos"]
 
 
+# the backends the processor may name: it runs attention and the q/k norm + RoPE, so every op's (the
+# attention-only sdpa is tested in test_joint_attention.py)
+PROCESSOR_BACKENDS = [p for p in backend_params("joint_attention") if p.values[0] in _registry.common_backends()]
+
+
 def on(device, inputs, rotary):
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     return inputs, (tuple(t.to(device) for t in rotary) if rotary is not None else None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("backend,device", backend_params("joint_attention"))
+@pytest.mark.parametrize("backend,device", PROCESSOR_BACKENDS)
 def test_processor_matches_diffusers(backend, device, variant):
     implementation("joint_attention", backend, device)
     name, frames, height, width = variant
@@ -37,7 +43,7 @@ def test_processor_matches_diffusers(backend, device, variant):
     assert_close(actual.cpu(), expected.cpu(), (1e-5, 1e-4), f"{backend} transformer output")
 
 
-@pytest.mark.parametrize("backend,device", backend_params("joint_attention"))
+@pytest.mark.parametrize("backend,device", PROCESSOR_BACKENDS)
 def test_processor_gradients_match(backend, device):
     implementation("joint_attention", backend, device)
     model = tiny_transformer("5b").to(device)
@@ -148,3 +154,8 @@ def test_accelerate_rejects_a_pipeline_without_cogvideox_parts(tmp_path):
 
     with pytest.raises(ValueError, match="with a CogVideoX transformer or VAE; got transformer=Linear, vae=NoneType"):
         accelerate(NotCogVideoX())
+
+
+def test_processor_refuses_an_attention_only_backend():
+    with pytest.raises(ValueError, match="backend must be one of .*got 'sdpa'"):
+        CogVideoXAttnProcessor(backend="sdpa")

@@ -25,12 +25,8 @@ DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 
 
 def check_backend(backend: str | None) -> str | None:
-    """A kernel backend name the ops know, or None (automatic); refused here, at construction,
-    rather than at the first forward."""
-    names = _registry.common_backends()  # every op of the model has them (not e.g. attention-only sdpa)
-    if backend is not None and backend not in names:
-        raise ValueError(f"backend must be one of {', '.join(names)} or None (automatic); got {backend!r}")
-    return backend
+    """A kernel backend name every op of the model has, or None (automatic)."""
+    return _registry.check_common_backend(backend)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _registry
 from ..nn.attention import joint_attend
 from ..nn.causal_conv3d import CausalConv3d
 from ..ops.rope3d import qk_norm_rope3d_token_tables
@@ -43,7 +44,7 @@ class CogVideoXAttnProcessor:
     """
 
     def __init__(self, backend: str | None = None):
-        self.backend = backend
+        self.backend = _registry.check_common_backend(backend)  # it runs attention and the q/k norm + RoPE
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None,
