@@ -13,8 +13,9 @@
 // at::parallel_for; the halo/first-frame and border index math lives in csrc/common/causal_conv3d.h,
 // shared with the CUDA file. Why not at::conv3d on views: the halo and the first kt-1 output
 // frames would still need a concatenated copy, and oneDNN would re-layout the activation anyway.
-// The backward uses the same tiles and band: grad x is the same product with grad_out as the band
-// and the taps mirrored, grad W takes the band as its left operand.
+// The bf16/fp16 backward uses the same tiles and band: grad x is the same product with grad_out as
+// the band and the taps mirrored, grad W takes the band as its left operand. The fp32 backward is
+// oneDNN's (onednn_backward below).
 // The forward of 3×3-spatial convs with enough channels and pixels per call runs Winograd
 // F(2×2, 3×3) instead (see winograd_forward_kernel): the same tasks and bands, transformed, with
 // 16 products per 2×2 output tile where the direct kernel does 36 (measured 1.4–2.0× the direct
@@ -563,9 +564,8 @@ at::Tensor onednn_forward(const at::Tensor& x, const at::Tensor& weight, const s
 }
 
 // The fp32 backward is oneDNN's convolution backward on the time-padded input: it matched or beat
-// the direct kernel's at every VAE shape measured (1.0× at 128 channels on 17×64×64, 1.2–1.9× at
-// 128–512 channels on 4²–32² frames, 8× at 16 channels; docs in benchmarks/results). The gradient
-// of the padding frames goes to the halo, or to the first frame when it was repeated.
+// the direct kernel's at every VAE shape measured (README, "How the causal conv kernels work"). The
+// gradient of the padding frames goes to the halo, or to the first frame when it was repeated.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> onednn_backward(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& halo_in,
     int64_t pad_h, int64_t pad_w, bool has_bias) {
