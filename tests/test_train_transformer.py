@@ -21,10 +21,11 @@ from cogvx.train import checkpoint as ckpt
 from cogvx.train.config import TransformerTrainConfig, load_transformer_config
 from cogvx.train.data import Batches, make_dataset
 from cogvx.train.latents import training_inputs
-from cogvx.train.log import CSVLog, read_log
+from cogvx.train.log import read_log
 from cogvx.train.loop import ParameterEMA, sample_generator
 from cogvx.train.losses import v_prediction_loss
 from cogvx.train.transformer import pad_to_temporal_patches, train_transformer
+from train_helpers import run_killed_after_step
 from test_train_vae import write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,8 +205,6 @@ def test_the_tiny_15_layout_trains_with_padded_temporal_patches(tmp_path):
     assert list(rows) == [1, 2] and all(math.isfinite(float(r["loss"])) for r in rows.values())
 
 
-class _Killed(BaseException):
-    pass
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -221,16 +220,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, deterministic
     config = make_config(**sections)
     trainer.train_transformer(config, tmp_path / "whole")
 
-    class KilledLog(CSVLog):
-        def write(self, row):
-            super().write(row)
-            if row["step"] == 3:
-                raise _Killed()
-    monkeypatch.setattr(trainer, "CSVLog", KilledLog)
-    with pytest.raises(_Killed):
-        trainer.train_transformer(config, tmp_path / "resumed")
+    run_killed_after_step(monkeypatch, trainer, lambda: trainer.train_transformer(config, tmp_path / "resumed"), 3)
     assert [s for s, _ in ckpt.checkpoints(tmp_path / "resumed")] == [2]
-    monkeypatch.undo()
     trainer.train_transformer(config, tmp_path / "resumed", resume=True)
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert list(resumed) == [1, 2, 3, 4]

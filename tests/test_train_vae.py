@@ -14,6 +14,7 @@ from cogvx.train import checkpoint as ckpt
 from cogvx.train.log import CSVLog, plot_log, read_log
 from cogvx.train.loop import EMA, lr_lambda, sample_noise
 from cogvx.train.vae import psnr, ssim
+from train_helpers import run_killed_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -314,8 +315,6 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in vae.parameters())
 
 
-class _Killed(BaseException):
-    pass
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, deterministic):
@@ -327,17 +326,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, deterministic
                          optim={"grad_accumulation": 2}, train={"steps": 4, "ema_decay": 0.9})
     trainer.train_vae(config, tmp_path / "whole")
 
-    class KilledLog(CSVLog):
-        def write(self, row):
-            super().write(row)
-            if row["step"] == 3:
-                raise _Killed()
-    monkeypatch.setattr(trainer, "CSVLog", KilledLog)
-    with pytest.raises(_Killed):
-        trainer.train_vae(config, tmp_path / "resumed")
+    run_killed_after_step(monkeypatch, trainer, lambda: trainer.train_vae(config, tmp_path / "resumed"), 3)
     assert [s for s, _ in ckpt.checkpoints(tmp_path / "resumed")] == [2]
     assert list(losses(tmp_path / "resumed")) == [1, 2, 3]
-    monkeypatch.undo()
     trainer.train_vae(config, tmp_path / "resumed", resume=True)
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert list(resumed) == [1, 2, 3, 4]  # step 3 logged once
