@@ -190,16 +190,18 @@ using mma::ldmatrix_x4_trans;
 using mma::mma_16816;
 using mma::smem_addr;
 
-// 16-byte global -> shared copy; zero-fills the destination when !pred (no global read).
+// 16-byte global -> shared copy; zero-fills the destination when !pred (no global read). The
+// "memory" clobbers: the shared address travels as a 32-bit integer, so without them the compiler
+// may move ordinary shared-memory accesses across the copy.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(pred ? 16 : 0));
+               "r"(pred ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool pred) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(pred ? 4 : 0));
+               "r"(pred ? 4 : 0) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
