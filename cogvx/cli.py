@@ -584,6 +584,12 @@ def train_default_model(args) -> int:
             raise UsageError(f"config {path} does not exist (the default model's configs come with the source tree: "
                              "configs/default-model-*.toml)")
     out = args.out if args.out is not None else args.work / "pipeline"
+    if args.work.exists() and not args.work.is_dir():
+        raise UsageError(f"--work {args.work} is a file; give a folder")
+    try:
+        default_model.check_out(out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     try:
         default_model.train_default_model(out, work=args.work, seed=args.seed, vae_config=vae_config,
                                           transformer_config=transformer_config)

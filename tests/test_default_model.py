@@ -97,3 +97,19 @@ def test_embedded_model_equals_diffusers():
                   progress=False, **kwargs).frames
     err = np.abs(actual - expected).max()
     assert actual.shape == expected.shape and err <= 1e-4, f"max |ours - diffusers| = {err:.3g}"
+
+
+@pytest.mark.parametrize("case", ["a file", "a folder of other things", "the root", "work is a file"])
+def test_an_out_that_would_be_lost_is_refused_before_training(tmp_path, capsys, case):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "keep.py").write_text("mine")
+    args = {"a file": ["--out", str(tmp_path / "notes.txt")],
+            "a folder of other things": ["--out", str(tmp_path / "project")],
+            "the root": ["--out", "/"],
+            "work is a file": ["--work", str(tmp_path / "notes.txt")]}[case]
+    assert main(["train-default-model", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cogvx: error: ") and "\n" not in err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "project" / "keep.py").read_text() == "mine"
+    assert not (tmp_path / "work").exists()

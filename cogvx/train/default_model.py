@@ -61,6 +61,18 @@ def _last_part(out_dir: Path, *names: str) -> Path:
     raise ckpt.CheckpointError(f"{out_dir}: no checkpoint with {' or '.join(names)}/ after training")
 
 
+def check_out(out: Path) -> None:
+    """OUT is replaced at the end: it must be new, empty, or a pipeline folder (model_index.json),
+    never another folder that would be moved aside and removed."""
+    if out.resolve() == Path(out.resolve().anchor) or not out.resolve().name:
+        raise ValueError(f"--out {out}: give a folder for the pipeline, not a file system root")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the pipeline")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise ValueError(f"--out {out} is a folder that is not a pipeline folder (no model_index.json): it would be "
+                         "replaced; give a new or empty folder, or a pipeline folder to replace")
+
+
 def train_default_model(out: str | Path, *, work: str | Path = "runs/default-model", seed: int = 0,
                         vae_config: str | Path = VAE_CONFIG, transformer_config: str | Path = TRANSFORMER_CONFIG,
                         progress: bool = True) -> Path:
@@ -70,6 +82,7 @@ def train_default_model(out: str | Path, *, work: str | Path = "runs/default-mod
     from .vae import train_vae
 
     out, work = Path(out), Path(work)
+    check_out(out)
     vae_config, transformer_config = Path(vae_config), Path(transformer_config)
     c_vae, c_transformer = _configs(vae_config, transformer_config, work, seed)
     work.mkdir(parents=True, exist_ok=True)
