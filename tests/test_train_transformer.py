@@ -21,11 +21,10 @@ from cogvx.train import checkpoint as ckpt
 from cogvx.train.config import TransformerTrainConfig, load_transformer_config
 from cogvx.train.data import Batches, make_dataset
 from cogvx.train.latents import training_inputs
-from cogvx.train.log import read_log
 from cogvx.train.loop import ParameterEMA, sample_generator
 from cogvx.train.losses import v_prediction_loss
 from cogvx.train.transformer import pad_to_temporal_patches, train_transformer
-from train_helpers import run_killed_after_step
+from train_helpers import losses, run_killed_after_step
 from test_train_vae import write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,19 +55,6 @@ def make_config(**sections) -> TransformerTrainConfig:
 
 def lora(rank=4, alpha=8.0, **more) -> dict:
     return dict(model={"finetune": "lora"}, lora={"rank": rank, "alpha": alpha, **more})
-
-
-def losses(out: Path) -> dict[int, dict]:
-    _, rows = read_log(out / "log.csv")
-    return {int(r["step"]): r for r in rows}
-
-
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 # -- the loss -----------------------------------------------------------------------------------------

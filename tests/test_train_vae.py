@@ -14,7 +14,7 @@ from cogvx.train import checkpoint as ckpt
 from cogvx.train.log import CSVLog, plot_log, read_log
 from cogvx.train.loop import EMA, lr_lambda, sample_noise
 from cogvx.train.vae import psnr, ssim
-from train_helpers import run_killed_after_step
+from train_helpers import losses, run_killed_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -61,19 +61,6 @@ def write_toml(path: Path, config: dict) -> Path:
         lines += [f"{k} = {value(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-def losses(out: Path) -> dict[int, dict]:
-    _, rows = read_log(out / "log.csv")
-    return {int(r["step"]): r for r in rows}
 
 
 # -- metrics ------------------------------------------------------------------------------------------

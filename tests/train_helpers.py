@@ -1,7 +1,9 @@
-"""Shared by the trainers' tests: a run killed right after it logs a given step."""
+"""Shared by the trainers' tests: a run killed right after it logs a given step; a run's logged losses."""
+from pathlib import Path
+
 import pytest
 
-from cogvx.train.log import CSVLog
+from cogvx.train.log import CSVLog, read_log
 
 
 class Killed(BaseException):
@@ -19,3 +21,8 @@ def run_killed_after_step(monkeypatch, trainer_module, train, step: int) -> None
     with pytest.raises(Killed):
         train()
     monkeypatch.undo()
+
+
+def losses(out: Path) -> dict[int, dict]:
+    _, rows = read_log(out / "log.csv")
+    return {int(r["step"]): r for r in rows}
