@@ -689,21 +689,29 @@ def parse_args(argv=None):
     p.add_argument("--distributed", action="store_true",
                    help="multi-rank inference instead of the ops: one denoising step on 1 rank and on 2 (CPU) or all "
                         "GPUs per parallel plan, with the bytes each rank sends (benchmarks/distributed.py)")
+    p.add_argument("--cli", action="store_true",
+                   help="a newcomer's first command instead of the ops: `cogvx generate` with the embedded model and "
+                        "its settings on one CPU thread, and --help, each a fresh process (benchmarks/cli.py)")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def run_distributed(args, device: torch.device) -> int:
-    from benchmarks import distributed
+def run_whole(args, device: torch.device) -> int:
+    """--distributed or --cli: a module's run() and table() with the machine header, instead of the ops."""
+    from benchmarks import cli, distributed
 
     t0 = time.perf_counter()
-    result = distributed.run(device.type, tiny=args.tiny, reps=3 if args.quick or args.tiny else 5)
+    if args.distributed:
+        module, result = distributed, distributed.run(device.type, tiny=args.tiny,
+                                                      reps=3 if args.quick or args.tiny else 5)
+    else:
+        module, result = cli, cli.run(reps=2 if args.quick or args.tiny else 3)
     result["header"] = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                             machine=dict(platform=platform.platform(), cpu_model=cpu_model(), cpu_count=os.cpu_count(),
                                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
                             torch=torch.__version__, git=_git(), tiny=args.tiny, wall_s=round(time.perf_counter() - t0, 1),
                             load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    print(distributed.table(result))
+    print(module.table(result))
     print(f"({result['header']['wall_s']} s, load average {result['header']['load_average']})")
     if args.json:
         write_json(args.json, result)
@@ -727,8 +735,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    if args.distributed:
-        return run_distributed(args, device)
+    if args.distributed or args.cli:
+        return run_whole(args, device)
 
     ops = list(dict.fromkeys(args.op or BENCHMARKS))
     registered = set(_registry.ops()) | {op for op in BENCHMARKS if hasattr(load_module(op), "contenders")}

@@ -27,6 +27,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,6 +38,8 @@ from pathlib import Path
 from ._atomic import atomic_folder, atomic_write, probe
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-cogvideox"
+MODEL_CARD = "cogvx.json"  # in a model folder: its vocabulary, example prompts and generation defaults
+GENERATE_DEFAULTS = {"steps": 50, "guidance": 6.0}  # for a folder without a model card
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -106,10 +109,50 @@ def _utf8_text(text: str) -> str:
     return text
 
 
+def model_card(model: Path) -> dict:
+    """The model folder's cogvx.json ({} when it has none): "vocabulary", "examples", "generate"."""
+    path = Path(model) / MODEL_CARD
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not readable JSON ({_first_line(exc)})") from None
+    generate = card.get("generate", {}) if isinstance(card, dict) else None
+    if not isinstance(generate, dict) or not set(generate) <= {"steps", "guidance", "fps"}:
+        raise UsageError(f"{path}: expected an object whose \"generate\" has only steps, guidance and fps")
+    return card
+
+
+def _embedded_model_help() -> str:
+    """The embedded model's vocabulary and example prompts, from its card (a file read, no import)."""
+    try:
+        card = model_card(DEFAULT_MODEL)
+    except UsageError:
+        return ""
+    if not card.get("vocabulary"):
+        return ""
+    examples = "\n".join(f'  cogvx generate --prompt "{e}"' for e in card.get("examples", []))
+    return ("without --model: the embedded tiny model, trained on coloured shapes moving on a plain background.\n"
+            f"Its vocabulary: {' '.join(card['vocabulary'])}\n"
+            "(other words are ignored, with a warning). Examples:\n" + examples)
+
+
+def unknown_words(prompt: str, vocabulary) -> list[str]:
+    """The prompt's words (lower-cased, split at anything not a letter, digit or apostrophe) outside
+    `vocabulary`, each once, in order."""
+    known, unknown = set(vocabulary), []
+    for word in re.findall(r"[\w']+", prompt.lower()):
+        if word not in known and word not in unknown:
+            unknown.append(word)
+    return unknown
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cogvx", description="CogVideoX text-to-video on cogvx kernels")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a video from a prompt")
+    g = sub.add_parser("generate", help="generate a video from a prompt", epilog=_embedded_model_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--prompt", required=True, type=_utf8_text)
     g.add_argument("--negative-prompt", default=None, type=_utf8_text)
     g.add_argument("--model", type=Path, default=None,
@@ -118,8 +161,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="1 + 4k (default: the model's, 49 for CogVideoX)")
     g.add_argument("--height", type=_positive_int, default=None, help="a multiple of 16 (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="a multiple of 16 (default: the model's)")
-    g.add_argument("--steps", type=_positive_int, default=50)
-    g.add_argument("--guidance", type=_finite_float, default=6.0)
+    g.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"denoising steps (default: the model's {MODEL_CARD}, else {GENERATE_DEFAULTS['steps']})")
+    g.add_argument("--guidance", type=_finite_float, default=None,
+                   help=f"classifier-free guidance scale (default: the model's {MODEL_CARD}, else "
+                        f"{GENERATE_DEFAULTS['guidance']})")
     g.add_argument("--dynamic-cfg", action="store_true")
     g.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the model's")
     g.add_argument("--seed", type=_seed, default=None, help='0 <= N < 2**64: torch.Generator("cpu").manual_seed(N)')
@@ -129,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--video", type=Path, default=None, help="video-to-video: the video to transform")
     g.add_argument("--strength", type=_strength, default=None,
                    help=f"video-to-video: how much of it is re-noised, in (0, 1] (default {DEFAULT_STRENGTH})")
-    g.add_argument("--fps", type=_positive_int, default=None, help="default: 16 for CogVideoX 1.5 models, 8 otherwise")
+    g.add_argument("--fps", type=_positive_int, default=None,
+                   help=f"default: the model's {MODEL_CARD}, else 16 for CogVideoX 1.5 models, 8 otherwise")
     g.add_argument("--offload", action="store_true", help="move the text encoder off the GPU after encoding")
     g.add_argument("--tile", action="store_true", help="decode in spatial tiles (less memory; diffusers' blending)")
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4 or .gif, or a folder for PNG frames")
@@ -394,11 +441,17 @@ def generate(args) -> int:
     model = args.model or DEFAULT_MODEL
     if not (Path(model) / "model_index.json").is_file():
         raise UsageError(f"{model} is not a CogVideoX pipeline folder (no model_index.json)")
+    card = model_card(Path(model))
+    for name, value in {**GENERATE_DEFAULTS, **card.get("generate", {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     plan = _check_parallel(args, Path(model))
     lead = _rank() == 0  # notes, warnings and the result from one rank only
-    if args.model is None and lead:
-        print("note: using the embedded tiny CogVideoX with random weights (no trained small model exists yet): "
-              "expect noise-like motion, not your prompt", file=sys.stderr)
+    if card.get("vocabulary") and lead:
+        unknown = unknown_words(" ".join(filter(None, [args.prompt, args.negative_prompt])), card["vocabulary"])
+        if unknown:
+            print(f"warning: not in the model's vocabulary, so ignored: {', '.join(unknown)} (it knows: "
+                  f"{' '.join(card['vocabulary'])})", file=sys.stderr)
     if args.strength is not None and args.video is None and lead:
         print("warning: --strength is ignored without --video", file=sys.stderr)
     conditions = {}  # read before the model loads: an unreadable input fails fast
@@ -505,7 +558,8 @@ def _generate(args, model, device: str, conditions: dict, plan) -> int:
     start = time.perf_counter()
     write_video(video, args.out, fps)
     timings["write"] = time.perf_counter() - start
-    print(f"wrote {args.out} ({shape[0]} frames, {shape[2]}x{shape[1]}, {fps} fps); "
+    print(f"wrote {args.out} ({shape[0]} frames, {shape[2]}x{shape[1]}, {fps} fps; {args.steps} steps, "
+          f"guidance {args.guidance:g}); "
           + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return 0
 

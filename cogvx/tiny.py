@@ -1,6 +1,6 @@
 """A tiny CogVideoX pipeline folder with random weights, in diffusers' layout, built with our own
-modules (no diffusers needed): the embedded default model of the command line (until a trained
-small model exists, its videos are noise-like patterns, and the CLI says so) and the tests' fixture.
+modules (no diffusers needed): the tests' fixture, and stage 2 of `cogvx train-default-model`, which
+puts the trained VAE and transformer into it (cogvx/train/default_model.py).
 
     python -m cogvx.tiny FOLDER        # writes model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/
 """
@@ -38,12 +38,12 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  timestep_spacing="trailing", rescale_betas_zero_snr=True, snr_shift_scale=1.0)
 
 
-def _tokenizer(folder: Path) -> None:
+def _tokenizer(folder: Path, words: tuple[str, ...]) -> None:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -71,9 +71,10 @@ VARIANTS = {
 
 
 def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMScheduler", variant: str = "t2v",
-          transformer: dict | None = None, vae: dict | None = None) -> Path:
+          transformer: dict | None = None, vae: dict | None = None, words: tuple[str, ...] = WORDS) -> Path:
     """Write the pipeline folder; `transformer` / `vae` override config entries (e.g. real widths
-    for a benchmark: the text encoder's width follows the transformer's text_embed_dim)."""
+    for a benchmark: the text encoder's width follows the transformer's text_embed_dim); `words`
+    are the tokenizer's vocabulary (any other word becomes <unk>)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -86,8 +87,8 @@ def build(folder: str | Path, *, seed: int = 0, scheduler: str = "CogVideoXDPMSc
             if "norm" in name and p.dim() == 1:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     vae.save_pretrained(folder / "vae")
-    _tokenizer(folder / "tokenizer")
-    _text_encoder(folder / "text_encoder", len(WORDS) + 3, transformer_config["text_embed_dim"])
+    _tokenizer(folder / "tokenizer", words)
+    _text_encoder(folder / "text_encoder", len(words) + 3, transformer_config["text_embed_dim"])
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION, **SCHEDULER}, indent=2))

@@ -166,6 +166,22 @@ def test_distributed_benchmark_runs_and_measures_the_formulas_bytes(tmp_path):
     assert "measured / formula" in r.stdout
 
 
+def test_cli_benchmark_times_fresh_processes_of_the_default_command(tmp_path):
+    """`run.py --cli --tiny`: two fresh `cogvx generate` runs with the embedded model's own settings
+    and two of --help, first apart from the repeats, with the command's stage timings."""
+    path = tmp_path / "cli.json"
+    r = subprocess.run([sys.executable, RUN, "--cli", "--tiny", "--json", str(path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(path.read_text())
+    g, h = data["generate"], data["help"]
+    assert len(g["repeats_s"]) == len(h["repeats_s"]) == 1 and data["threads"] == 1
+    assert g["first_s"] > sum(g["stages_first_s"].values()) > 0  # the wall includes imports
+    assert {"load", "denoise", "decode", "write"} <= set(g["stages_first_s"])
+    assert 0 < h["first_s"] < g["first_s"] and "fps" in data["settings"]
+    assert "first run" in r.stdout and "--help" in r.stdout
+
+
 def test_rope_vs_sincos_ablation_writes_its_curves_and_verdict(tmp_path):
     """The ablation script end to end at a toy budget (the real run: README)."""
     from benchmarks import ablation_rope_vs_sincos as ablation

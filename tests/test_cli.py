@@ -52,7 +52,9 @@ def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(
     r = cogvx("generate", "--prompt", "a red cat walking", "--seed", "3", "--dtype", "fp32", *FAST, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "denoise" in r.stdout and "decode" in r.stdout
-    assert "random weights" in r.stderr  # the embedded model says what it is
+    assert [line for line in r.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: not in the model's vocabulary, so ignored: cat, walking (it knows: a red green blue yellow square "
+        "circle triangle moving left right up down)"]  # the embedded model's card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.mp4"]  # no temporary file left
     video = iio.imread(out)
     assert video.shape == (9, 32, 48, 3)
@@ -68,11 +70,11 @@ def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(
 
 
 def test_png_frames_gif_and_video_to_video(tmp_path):
-    assert cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "frames")).returncode == 0
+    assert cogvx("generate", "--prompt", "a blue circle", *FAST, "--out", str(tmp_path / "frames")).returncode == 0
     assert len(list((tmp_path / "frames").glob("frame_*.png"))) == 9
-    assert cogvx("generate", "--prompt", "a dog", *FAST, "--out", str(tmp_path / "dog.gif")).returncode == 0
+    assert cogvx("generate", "--prompt", "a blue circle", *FAST, "--out", str(tmp_path / "dog.gif")).returncode == 0
     assert (tmp_path / "dog.gif").read_bytes()[:6] == b"GIF89a"
-    r = cogvx("generate", "--prompt", "a dog running", "--video", str(tmp_path / "dog.gif"), "--strength", "0.5",
+    r = cogvx("generate", "--prompt", "a blue circle moving up", "--video", str(tmp_path / "dog.gif"), "--strength", "0.5",
               "--steps", "2", "--height", "32", "--width", "48", "--out", str(tmp_path / "v2v.mp4"))
     assert r.returncode == 0, r.stderr
     assert "9 frames" in r.stdout and "warning" not in r.stderr
@@ -223,9 +225,40 @@ def test_the_unloadable_model_fails_only_at_load(tmp_path, unloadable):
 def test_help_exits_0_and_strength_without_video_warns(tmp_path):
     r = cogvx("generate", "--help")
     assert r.returncode == 0 and "usage: cogvx generate" in r.stdout and "--strength" in r.stdout
+    # the embedded model's vocabulary and examples, from its card
+    assert "vocabulary: a red green blue yellow square circle triangle moving left right up down" in r.stdout
+    assert 'cogvx generate --prompt "a red square moving left"' in r.stdout
     r = cogvx("generate", "--prompt", "a cat", *FAST, "--strength", "0.5", "--out", str(tmp_path / "o.gif"))
     assert r.returncode == 0, r.stderr
     assert "warning: --strength is ignored without --video" in r.stderr.splitlines()
+
+
+def test_a_model_card_sets_the_defaults_and_names_unknown_words(tmp_path):
+    import json
+
+    from cogvx import tiny
+
+    model = tiny.build(tmp_path / "model", words=("a", "red", "square"))
+    (model / "cogvx.json").write_text(json.dumps({"vocabulary": ["a", "red", "square"], "examples": ["a red square"],
+                                                  "generate": {"steps": 3, "guidance": 2.5, "fps": 5}}))
+    small = ["--frames", "9", "--height", "32", "--width", "48"]
+    r = cogvx("generate", "--prompt", "a red Cat, jumping", "--model", str(model), *small,
+              "--out", str(tmp_path / "o.gif"))
+    assert r.returncode == 0, r.stderr
+    assert "5 fps; 3 steps, guidance 2.5" in r.stdout
+    assert [line for line in r.stderr.splitlines() if "warning" in line] == ["warning: not in the model's vocabulary, so ignored: cat, jumping "
+                                     "(it knows: a red square)"]
+    r = cogvx("generate", "--prompt", "a red square", "--model", str(model), *small, "--steps", "2",
+              "--guidance", "1", "--fps", "4", "--out", str(tmp_path / "p.gif"))
+    assert r.returncode == 0 and "warning" not in r.stderr and "4 fps; 2 steps, guidance 1" in r.stdout, r.stderr
+    (model / "cogvx.json").write_text('{"generate": {"stpes": 3}}')
+    r = cogvx("generate", "--prompt", "a red square", "--model", str(model), *small, "--out", str(tmp_path / "q.gif"))
+    assert_refused(r.returncode, r.stderr, r"cogvx.json: .*only steps, guidance and fps", tmp_path,
+                   listing(tmp_path))
+    (model / "cogvx.json").unlink()  # no card: the built-in defaults, no vocabulary check
+    r = cogvx("generate", "--prompt", "a cat", "--model", str(model), *small, "--steps", "2",
+              "--out", str(tmp_path / "r.gif"))
+    assert r.returncode == 0 and "guidance 6" in r.stdout and "warning" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("part,breakage,message", [
@@ -233,8 +266,8 @@ def test_help_exits_0_and_strength_without_video_warns(tmp_path):
     ("vae", "truncate", r"vae/diffusion_pytorch_model.safetensors"),
     ("text_encoder", "truncate", r"text_encoder/model.safetensors"),
     ("tokenizer", "empty", r"tokenizer' is empty"),
-    ("transformer", '"num_layers": 2', r"transformer.*num_layers"),
-    ("text_encoder", '"d_model": 32', r"cannot load the T5 text encoder from .*text_encoder.*d_model"),
+    ("transformer", "num_layers", r"transformer.*num_layers"),
+    ("text_encoder", "d_model", r"cannot load the T5 text encoder from .*text_encoder.*d_model"),
 ])
 def test_a_broken_model_folder_is_one_line(tmp_path, part, breakage, message):
     from cogvx.cli import DEFAULT_MODEL
@@ -247,10 +280,11 @@ def test_a_broken_model_folder_is_one_line(tmp_path, part, breakage, message):
     elif breakage == "empty":
         shutil.rmtree(model / part)
         (model / part).mkdir()
-    else:
+    else:  # a number as a string
         config = model / part / "config.json"
-        key, value = breakage.split(": ")
-        config.write_text(config.read_text().replace(breakage, f'{key}: "{value}"'))  # a number as a string
+        text, count = re.subn(rf'"{breakage}": (\d+)', rf'"{breakage}": "\1"', config.read_text())
+        assert count == 1
+        config.write_text(text)
     work = tmp_path / "work"
     work.mkdir()
     r = cogvx("generate", "--prompt", "a cat", "--model", str(model), *FAST, cwd=work)

@@ -3,6 +3,7 @@ latent cache, transformer) and continues an interrupted run; the same seed gives
 the shipped folder is an ordinary diffusers CogVideoX pipeline that diffusers loads and runs to our
 frames."""
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -47,15 +48,20 @@ def retrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-model")
     vae_config, transformer_config = small_configs(root)
     args = ["train-default-model", "--vae-config", str(vae_config), "--transformer-config", str(transformer_config)]
-    assert main([*args, "--work", str(root / "work"), "--out", str(root / "model")]) == 0
+    here = Path.cwd()
+    os.chdir(root)  # relative --work and --out, as users type them (the configs live elsewhere)
+    try:
+        assert main([*args, "--work", "work", "--out", "model"]) == 0
+    finally:
+        os.chdir(here)
     return root, args
 
 
 def test_the_command_writes_a_pipeline_our_pipeline_runs(retrained):
     root, _ = retrained
     model = root / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
-                                                       "transformer", "vae"]
+    assert sorted(p.name for p in model.iterdir()) == ["cogvx.json", "model_index.json", "scheduler", "text_encoder",
+                                                       "tokenizer", "transformer", "vae"]
     assert not list(root.glob(".model.*")), "the staging folder is renamed into place"
     # stage 1's VAE and stage 2's (EMA) transformer are the ones shipped
     work = root / "work"
@@ -65,6 +71,43 @@ def test_the_command_writes_a_pipeline_our_pipeline_runs(retrained):
         "a red square moving left", num_frames=9, height=32, width=32, num_inference_steps=2,
         generator=torch.Generator().manual_seed(0), output_type="np", progress=False).frames
     assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all()
+
+
+def test_the_model_card_and_tokenizer_know_the_captions_words(retrained):
+    from transformers import AutoTokenizer
+
+    from cogvx.cli import model_card
+    from cogvx.train.data import CAPTION_WORDS, SyntheticShapes
+
+    model = retrained[0] / "model"
+    card = model_card(model)
+    assert card["vocabulary"] == list(CAPTION_WORDS)
+    captions = {SyntheticShapes(frames=9, height=32, width=32, length=200).caption(i) for i in range(200)}
+    assert {w for c in captions for w in c.split()} == set(CAPTION_WORDS)  # every word used, none missing
+    assert set(card["examples"]) >= {"a red square moving left", "a red square"}
+    assert card["generate"] == {"steps": 20, "guidance": 6.0, "fps": 8}  # the validation section's
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    ids = tokenizer("a Red cat moving left").input_ids
+    assert ids[2] == tokenizer.unk_token_id and tokenizer.unk_token_id not in ids[:2] + ids[3:]
+
+
+def test_the_vae_scaling_factor_makes_the_training_latents_unit_variance(retrained):
+    """Stage 2 sets scaling_factor from the VAE's posteriors: the cached clips' latents, sampled and
+    scaled as training scales them, have standard deviation 1 (the cache holds the same clips)."""
+    import json
+
+    from cogvx.train.cache import LatentCache
+
+    root = retrained[0]
+    factor = json.loads((root / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert factor != 0.7  # not cogvx.tiny's placeholder
+    cache = LatentCache(root / "work" / "cache")
+    items = [cache[(int(i), 0)] for i in cache.bucket_members()[0]]  # the video bucket's clips
+    assert len(items) >= 2
+    mean = torch.stack([item["latent_mean"] for item in items]).double()
+    std = torch.stack([item["latent_std"] for item in items]).double()
+    sampled = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs((sampled * factor).std().item() - 1) < 0.05
 
 
 def test_a_rerun_continues_and_the_seed_decides_the_weights(retrained, capsys):

@@ -34,6 +34,7 @@ COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 
 BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "white": (1.0, 1.0, 1.0)}  # none a shape colour
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
+CAPTION_WORDS = ("a", *COLOURS, *SHAPES, "moving", *DIRECTIONS)  # every word of SyntheticShapes' captions
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 Shape = tuple[int, int, int]  # a bucket: (frames, height, width) of a clip
 # first keys of the generators Batches draws from, so that no two of its streams coincide
