@@ -30,7 +30,7 @@ from .loading import read_config, read_json, resolve_device, resolve_dtype
 from .models import CausalVAE, Transformer3D
 from .models.transformer import DIFFUSERS_CLASS as TRANSFORMER_CLASS, TransformerConfig
 from .schedulers import DPMScheduler, dynamic_guidance, load_scheduler
-from .text import MAX_TOKENS, TextEncoder
+from .text import TextEncoder
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -109,9 +109,11 @@ class Pipeline:
 
     # -- the steps ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, progress: bool = False,
-                      max_sequence_length: int = MAX_TOKENS):
+                      max_sequence_length: int | None = None):
         """(prompt embeddings, negative prompt embeddings or None), each (B, max_sequence_length, dim):
-        the tokens padded or truncated to that length, as diffusers; truncation reported as a warning."""
+        the tokens padded or truncated to that length (default: the text encoder's, which is the
+        transformer's max_text_seq_length), as diffusers; truncation reported as a warning."""
+        max_sequence_length = max_sequence_length or self.text_encoder.max_length
         for text, cut in zip(prompt, self.text_encoder.truncated(prompt, max_sequence_length)):
             if cut:
                 warnings.warn(f"prompt longer than {max_sequence_length} tokens (max_sequence_length); "
@@ -152,17 +154,19 @@ class Pipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "np", image=None, video=None, strength: float = 0.8,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 max_sequence_length: int = MAX_TOKENS, progress: bool = True) -> PipelineOutput:
+                 max_sequence_length: int | None = None, progress: bool = True) -> PipelineOutput:
         """Text-to-video; image-to-video with `image` (an I2V checkpoint: the image's latent conditions
         every step); video-to-video with `video` (a list of frames noised to `strength`, then denoised).
         `prompt_embeds` / `negative_prompt_embeds` (B, max_sequence_length, text dim) replace the
-        prompts' encoding; prompts are padded or truncated to max_sequence_length tokens (226, as
-        diffusers; a learned position table fixes it to the model's max_text_seq_length)."""
+        prompts' encoding; prompts are padded or truncated to max_sequence_length tokens (default: the
+        transformer's max_text_seq_length, 226 for every CogVideoX as diffusers' default; a learned
+        position table fixes it to that)."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds")
         if self.device.type == "cuda":  # our kernels on this GPU: checked once per (device, build), cached
             self_check.ensure(self.device)
         c, spatial = self.transformer.config, self.vae.config.spatial_factor
+        max_sequence_length = c.max_text_seq_length if max_sequence_length is None else max_sequence_length
         height = c.sample_height * spatial if height is None else height  # 0 is an error, not "the default"
         width = c.sample_width * spatial if width is None else width
         counts = dict(height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,

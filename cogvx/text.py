@@ -1,8 +1,10 @@
 """The T5 text encoder, through `transformers` (its T5EncoderModel and tokenizer, read from local
 folders): prompts -> (B, 226, 4096) embeddings, as CogVideoX's pipeline makes them (padded to the
-maximum length, truncated, `</s>` appended, no attention mask)."""
+maximum length, truncated, `</s>` appended, no attention mask); the length is the transformer's
+max_text_seq_length (226 for every CogVideoX; the embedded tiny model's is shorter)."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,13 +29,26 @@ def _load_errors(folder: Path, what: str):
         raise ValueError(f"cannot load the {what} from {str(folder)!r}: {' '.join(str(exc).split())}") from exc
 
 
+def text_length(root: str | Path) -> int:
+    """The transformer's `max_text_seq_length` in a pipeline folder (MAX_TOKENS without one)."""
+    config = Path(root) / "transformer" / "config.json"
+    if not config.is_file():
+        return MAX_TOKENS
+    with _load_errors(config.parent, "transformer config"):
+        length = json.loads(config.read_text()).get("max_text_seq_length", MAX_TOKENS)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"max_text_seq_length must be a positive integer; got {length!r}")
+    return length
+
+
 class TextEncoder:
     def __init__(self, tokenizer, model, max_length: int = MAX_TOKENS):
         self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
 
     @classmethod
     def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.bfloat16, device=None) -> "TextEncoder":
-        """`root/tokenizer` and `root/text_encoder` of a diffusers pipeline folder."""
+        """`root/tokenizer` and `root/text_encoder` of a diffusers pipeline folder; prompts are padded
+        to the text length its transformer is made for (`max_text_seq_length`, 226 for CogVideoX)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         root = Path(root)
@@ -48,7 +63,7 @@ class TextEncoder:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         with _load_errors(root / "text_encoder", "T5 text encoder"):
             model = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
-        return cls(tokenizer, model.to(device) if device is not None else model)
+        return cls(tokenizer, model.to(device) if device is not None else model, text_length(root))
 
     def truncated(self, prompts: list[str], max_length: int | None = None) -> list[str]:
         """The part of each prompt that does not fit in max_length tokens ('' when it fits)."""

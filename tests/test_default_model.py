@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogvx.cli import DEFAULT_MODEL, main
+from cogvx.cli import DEFAULT_MODEL, main, model_card
 from cogvx.pipeline import Pipeline
 from cogvx.train import default_model
 
@@ -76,7 +76,6 @@ def test_the_command_writes_a_pipeline_our_pipeline_runs(retrained):
 def test_the_model_card_and_tokenizer_know_the_captions_words(retrained):
     from transformers import AutoTokenizer
 
-    from cogvx.cli import model_card
     from cogvx.train.data import CAPTION_WORDS, SyntheticShapes
 
     model = retrained[0] / "model"
@@ -133,9 +132,12 @@ def test_embedded_model_equals_diffusers():
     ref = diffusers.CogVideoXPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     ours = Pipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
-    kwargs = dict(num_frames=9, height=64, width=96, num_inference_steps=4, guidance_scale=6.0)
+    card = model_card(DEFAULT_MODEL)["generate"]  # what `cogvx generate` runs without flags
+    kwargs = dict(num_inference_steps=card["steps"], guidance_scale=card["guidance"])
+    # diffusers pads prompts to 226 tokens unless told; ours to the transformer's max_text_seq_length
+    text_length = ref.transformer.config.max_text_seq_length
     expected = ref("a red square moving left", generator=torch.Generator().manual_seed(0), output_type="np",
-                   **kwargs).frames
+                   max_sequence_length=text_length, num_frames=9, height=64, width=96, **kwargs).frames
     actual = ours("a red square moving left", generator=torch.Generator().manual_seed(0), output_type="np",
                   progress=False, **kwargs).frames
     err = np.abs(actual - expected).max()

@@ -152,25 +152,26 @@ def test_strength_leaving_no_step_raises(folder):
 
 def test_max_sequence_length_equals_diffusers(tmp_path):
     """A model whose learned position table covers 16 text tokens (diffusers' I2V test model) runs with
-    max_sequence_length=16 (prompts padded/truncated to 16 tokens) and equals diffusers."""
+    max_sequence_length=16 (prompts padded/truncated to 16 tokens), its default (the transformer's
+    max_text_seq_length), and equals diffusers told the same."""
     folder = build(tmp_path / "i2v16", variant="i2v", transformer=dict(max_text_seq_length=16))
     ref = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     ours = Pipeline.from_pretrained(folder, dtype=torch.float32)
     image = frames_of(4, 1)[0]
-    kwargs = dict(CALL, guidance_scale=6.0, output_type="np", max_sequence_length=16)
+    kwargs = dict(CALL, guidance_scale=6.0, output_type="np")
     prompt = "a red cat walking in a green garden near a small river under a bright blue sky at night"  # > 16 tokens
     expected = ref(image=image, prompt=prompt, negative_prompt="dark", generator=torch.Generator().manual_seed(6),
-                   **kwargs).frames
+                   max_sequence_length=16, **kwargs).frames
     with pytest.warns(UserWarning, match="prompt longer than 16 tokens"):
         actual = ours(prompt, "dark", image=image, generator=torch.Generator().manual_seed(6), progress=False,
                       **kwargs).frames
     assert actual.shape == expected.shape
     assert np.abs(actual - expected).max() <= 1e-4
-    positive, negative = ours.encode_prompt(["a red cat"], ["dark"], max_sequence_length=16)
+    positive, negative = ours.encode_prompt(["a red cat"], ["dark"])
     assert positive.shape == negative.shape == (1, 16, 32)
     with pytest.raises(ValueError, match="max_sequence_length must be 16 for this model"):
-        ours(prompt, image=image, **CALL)
+        ours(prompt, image=image, max_sequence_length=226, **CALL)
 
 
 def test_prompt_embeddings_replace_the_prompt(folder):

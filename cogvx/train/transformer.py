@@ -200,6 +200,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
         if config.needs_text_encoder():
             text_encoder = TextEncoder.from_pretrained(config.pipeline, dtype=frozen_dtype, device=device)
             text_encoder.model.requires_grad_(False)
+            text_encoder.max_length = transformer.config.max_text_seq_length  # the model trained, not the folder's
 
         # ---- data; the empty prompt's embedding (text dropout) and the validation prompts'
         try:
@@ -216,6 +217,10 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
         if empty_text.shape[-1] != transformer.config.text_embed_dim:  # (T5's width was checked with the files)
             raise ConfigError(WHAT, [f"data.cache: its text embeddings are {empty_text.shape[-1]} wide, the "
                                      f"transformer takes {transformer.config.text_embed_dim}"], config.source)
+        if empty_text.shape[0] != transformer.config.max_text_seq_length:
+            raise ConfigError(WHAT, [f"data.cache: its prompts are {empty_text.shape[0]} tokens, the transformer is "
+                                     f"made for max_text_seq_length {transformer.config.max_text_seq_length}: make the "
+                                     "cache from a pipeline whose transformer has that length"], config.source)
         prompt_embeds = negative_embeds = None
         if c_val.prompts:
             prompts = list(c_val.prompts)
