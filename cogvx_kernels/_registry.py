@@ -1,5 +1,6 @@
 """One registry of op implementations: dispatch, `info`, the self-check, the parity tests and the
-benchmarks all iterate over it, so a new backend is one file plus one `register` call.
+benchmarks all iterate over it, so a new backend is one file plus one entry in its op's `declare` call
+(ops/_declare.py).
 
 Backends: `reference` (plain PyTorch, the ground truth), `cpu` (the extension's C++ kernels),
 `cuda` (the extension's CUDA kernels), `sdpa` (torch's own fused attention kernels), `triton` (our

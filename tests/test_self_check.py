@@ -1,15 +1,13 @@
 """The kernels' self-check: its table (`python -m cogvx_kernels.info --check`, `cogvx info --check`),
 the pipeline's cached quick check, a broken backend disabled by it, and COGVX_SELF_CHECK=0."""
 import dataclasses
-import importlib
 import json
 
 import pytest
 import torch
 
 from cogvx_kernels import _registry, info, self_check
-
-rope_ops = importlib.import_module("cogvx_kernels.ops.rope3d")
+from cogvx_kernels.reference.rope3d import rope3d_tables
 
 
 @pytest.fixture
@@ -46,9 +44,9 @@ def test_check_prints_a_table_of_every_cpu_backend(clean, capsys):
 
 def test_cogvx_info_check_exit_status(clean, monkeypatch, capsys):
     from cogvx import cli
-    break_backend(monkeypatch, "rope3d", "cpu", rope_ops._ROPE["reference"])  # still right: passes
+    break_backend(monkeypatch, "rope3d", "cpu", rope3d_tables)  # still right: passes
     assert cli.main(["info", "--check", "--quick", "--device", "cpu"]) == 0
-    break_backend(monkeypatch, "rope3d", "cpu", lambda x, *args: rope_ops._ROPE["reference"](x, *args) * 1.5)
+    break_backend(monkeypatch, "rope3d", "cpu", lambda x, *args: rope3d_tables(x, *args) * 1.5)
     assert cli.main(["info", "--check", "--quick", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert any(line.split()[:4] == ["rope3d", "cpu", "float32", "FAILED"] and "relative error" in line

@@ -2,18 +2,17 @@
 
 The public function validates its arguments, picks a backend from the registry and calls it. The
 C++ op `cogvx::causal_conv3d` (CPU and CUDA kernels) and the Python custom op
-`cogvx::causal_conv3d_triton` both get a fake implementation (torch.compile traces them without
-graph breaks) and autograd (a `*_backward` op) here.
+`cogvx::causal_conv3d_triton` are declared here once (`_declare.declare`): fake implementation and
+autograd (a `*_backward` op).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
 from .. import _registry
 from ..reference.causal_conv3d import causal_conv3d as reference_causal_conv3d
 from ._checks import check_like, check_nonempty, check_shape, check_tensor, is_int
+from ._declare import declare
 
 OP = "causal_conv3d"
 
@@ -72,15 +71,20 @@ def check_args(x, weight, bias, halo, padding) -> tuple[int, int]:
     return pad_h, pad_w
 
 
-# ---- custom ops: fake implementations and autograd ------------------------------------------
+# ---- declaration -------------------------------------------------------------------------------
 
-def _output_like(x, weight, pad_h, pad_w):
+SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, Tensor? halo, SymInt pad_h, SymInt pad_w) -> Tensor"
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor weight, Tensor? halo, SymInt pad_h, SymInt pad_w, "
+                   "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _forward_fake(x, weight, bias, halo, pad_h, pad_w):
     B, _, T, H, W = x.shape
     C_out, _, _, kh, kw = weight.shape
     return x.new_empty((B, C_out, T, H + 2 * pad_h - kh + 1, W + 2 * pad_w - kw + 1))
 
 
-def _grads_like(x, weight, halo, has_bias):
+def _backward_fake(grad_out, x, weight, halo, pad_h, pad_w, has_bias):
     grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
     grad_halo = torch.empty_like(halo, memory_format=torch.contiguous_format) if halo is not None else x.new_empty((0,))
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -94,58 +98,21 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_out):
-        x, weight, halo = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, grad_halo = backward_op(
-            grad_out.contiguous(), x, weight, halo, *ctx.pads, ctx.has_bias)
-        return (grad_x, grad_weight, grad_bias if ctx.has_bias else None,
-                grad_halo if halo is not None else None, None, None)
-    return backward
+def _backward(backward_op, ctx, grad_out):
+    x, weight, halo = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_halo = backward_op(grad_out.contiguous(), x, weight, halo, *ctx.pads,
+                                                            ctx.has_bias)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad_halo if halo is not None else None
 
 
-def _register_native():
-    """Fake impls and autograd of the C++ ops (CPU and CUDA kernels come from `_C`)."""
-    torch.library.register_fake("cogvx::causal_conv3d")(
-        lambda x, weight, bias, halo, pad_h, pad_w: _output_like(x, weight, pad_h, pad_w))
-    torch.library.register_fake("cogvx::causal_conv3d_backward")(
-        lambda grad_out, x, weight, halo, pad_h, pad_w, has_bias: _grads_like(x, weight, halo, has_bias))
-    torch.library.register_autograd("cogvx::causal_conv3d",
-                                    _autograd_backward(torch.ops.cogvx.causal_conv3d_backward),
-                                    setup_context=_setup_context)
-
-
-@torch.library.custom_op("cogvx::causal_conv3d_triton", mutates_args=())
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    halo: Optional[torch.Tensor], pad_h: int, pad_w: int) -> torch.Tensor:
-    from ..triton import causal_conv3d as kernels
-    return kernels.forward(x, weight, bias, halo, pad_h, pad_w)
-
-
-@torch.library.custom_op("cogvx::causal_conv3d_triton_backward", mutates_args=())
-def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     halo: Optional[torch.Tensor], pad_h: int, pad_w: int,
-                     has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import causal_conv3d as kernels
-    return kernels.backward(grad_out, x, weight, halo, pad_h, pad_w, has_bias)
-
-
-_triton_forward.register_fake(lambda x, weight, bias, halo, pad_h, pad_w: _output_like(x, weight, pad_h, pad_w))
-_triton_backward.register_fake(
-    lambda grad_out, x, weight, halo, pad_h, pad_w, has_bias: _grads_like(x, weight, halo, has_bias))
-_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
-
-
-def _native_forward(x, weight, bias, halo, pad_h, pad_w):
-    return torch.ops.cogvx.causal_conv3d(x, weight, bias, halo, pad_h, pad_w)
-
-
-# ---- registry ---------------------------------------------------------------------------------
 # Every backward here is deterministic (no atomics; fixed split-K reduction order on CUDA). The CUDA
 # kernels use static shared memory only (<= 48 KiB, fits every GPU): nothing to check per device
 # beyond the build's archs.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_registry.register(_registry.Implementation(OP, "reference", reference_causal_conv3d, dtypes=_DTYPES + (torch.float64,)))
-_registry.register(_registry.Implementation(OP, "cpu", _native_forward, dtypes=_DTYPES, native_op=OP))
-_registry.register(_registry.Implementation(OP, "cuda", _native_forward, dtypes=_DTYPES, native_op=OP))
-_registry.register(_registry.Implementation(OP, "triton", _triton_forward, dtypes=_DTYPES))
+declare(OP, SCHEMA, _forward_fake, backward=_backward, setup_context=_setup_context,
+        backward_schema=BACKWARD_SCHEMA, backward_fake=_backward_fake, backends={
+            "reference": dict(fn=reference_causal_conv3d, dtypes=_DTYPES + (torch.float64,)),
+            "cpu": dict(dtypes=_DTYPES),
+            "cuda": dict(dtypes=_DTYPES),
+            "triton": dict(kernels=(".triton.causal_conv3d", "forward", "backward"), dtypes=_DTYPES),
+        })

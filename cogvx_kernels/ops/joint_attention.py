@@ -13,7 +13,6 @@ when it is on, the kernels take their atomics-free path (bit-identical run to ru
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -21,6 +20,7 @@ from .. import _extension, _registry
 from ..reference.joint_attention import joint_attention as reference_joint_attention
 from ..sdpa.joint_attention import accepts as _sdpa_accepts
 from ._checks import check_fp32_positive, check_like, check_tensor
+from ._declare import declare
 
 OP = "joint_attention"
 LOG2E = math.log2(math.e)
@@ -68,7 +68,12 @@ def check_args(q, k, v, scale) -> float:
                                factor=LOG2E)
 
 
-# ---- custom ops: fake implementations and autograd --------------------------------------------
+# ---- declaration: schemas, fake implementations, autograd ------------------------------------
+
+SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+                   "float scale, bool deterministic) -> (Tensor, Tensor, Tensor)")
+
 
 def _blhd_like(t: torch.Tensor, L: int, dtype=None) -> torch.Tensor:
     """An empty (B, heads, L, D) tensor laid out as (B, L, heads, D) in memory (the kernels' layout)."""
@@ -93,61 +98,15 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused lse output brings no gradient (None, not zeros)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        elif grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        if grad_lse is not None:
-            grad_lse = grad_lse.float().contiguous()
-        grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, grad_lse, ctx.scale,
-                                             torch.are_deterministic_algorithms_enabled())
-        return grad_q, grad_k, grad_v, None
-    return backward
-
-
-def _register_native():
-    """Fake impls and autograd of the C++ ops (CPU and CUDA kernels come from `_C`)."""
-    torch.library.register_fake("cogvx::joint_attention")(_forward_fake)
-    torch.library.register_fake("cogvx::joint_attention_backward")(_backward_fake)
-    torch.library.register_autograd("cogvx::joint_attention",
-                                    _autograd_backward(torch.ops.cogvx.joint_attention_backward),
-                                    setup_context=_setup_context)
-
-
-def _python_backend(name: str, kernels_module: str):
-    """The custom ops `cogvx::joint_attention_<name>` (+ `_backward`) of a Python backend whose module
-    (relative to cogvx_kernels) has `forward(q, k, v, scale)` and `backward(grad_out, q, k, v, out,
-    lse, grad_lse, scale, deterministic)`: fake impls and autograd as the native op's."""
-    import importlib
-
-    def kernels():
-        return importlib.import_module(kernels_module, package="cogvx_kernels")
-
-    @torch.library.custom_op(f"cogvx::joint_attention_{name}", mutates_args=())
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels().forward(q, k, v, scale)
-
-    @torch.library.custom_op(f"cogvx::joint_attention_{name}_backward", mutates_args=())
-    def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, grad_lse: Optional[torch.Tensor], scale: float,
-                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return kernels().backward(grad_out, q, k, v, out, lse, grad_lse, scale, deterministic)
-
-    forward.register_fake(_forward_fake)
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
-    return forward
-
-
-_triton_forward = _python_backend("triton", ".triton.joint_attention")
-_sdpa_forward = _python_backend("sdpa", ".sdpa.joint_attention")
-
-
-def _native_forward(q, k, v, scale):
-    return torch.ops.cogvx.joint_attention(q, k, v, scale)
+def _backward(backward_op, ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    return backward_op(grad_out, q, k, v, out, lse, grad_lse, ctx.scale, torch.are_deterministic_algorithms_enabled())
 
 
 # ---- registry ---------------------------------------------------------------------------------
@@ -181,18 +140,18 @@ def _cuda_shared_memory(q, k, v, *, backward: bool) -> dict[str, int]:
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_registry.register(_registry.Implementation(
-    OP, "reference", reference_joint_attention, dtypes=(torch.float32, torch.float64) + _HALF))
-_registry.register(_registry.Implementation(  # any head dim; no atomics
-    OP, "cpu", _native_forward, dtypes=(torch.float32,) + _HALF, native_op=OP))
-_registry.register(_registry.Implementation(
-    # fp32: the one-warp-per-row CUDA-core test path, run only when backend="cuda" is named
-    OP, "cuda", _native_forward, dtypes=_HALF, dtypes_on_request=(torch.float32,), native_op=OP,
-    accepts=_head_dims(64, 128, max_fp32=256), shared_memory=_cuda_shared_memory, deterministic="on request"))
-_registry.register(_registry.Implementation(
-    # the fp32 path on CUDA (see _registry's docstring for why)
-    OP, "sdpa", _sdpa_forward, dtypes=(torch.float32,), accepts=_sdpa_accepts, deterministic="on request"))
-_registry.register(_registry.Implementation(
-    # fp32 dots use TF32 on GPUs only when torch.backends.cuda.matmul.allow_tf32 is set; the backward
-    # is always the deterministic one
-    OP, "triton", _triton_forward, dtypes=_HALF + (torch.float32,), accepts=_triton_accepts))
+declare(OP, SCHEMA, _forward_fake, backward=_backward, setup_context=_setup_context,
+        backward_schema=BACKWARD_SCHEMA, backward_fake=_backward_fake, backends={
+            "reference": dict(fn=reference_joint_attention, dtypes=(torch.float32, torch.float64) + _HALF),
+            "cpu": dict(dtypes=(torch.float32,) + _HALF),  # any head dim; no atomics
+            # fp32: the one-warp-per-row CUDA-core test path, run only when backend="cuda" is named
+            "cuda": dict(dtypes=_HALF, dtypes_on_request=(torch.float32,), accepts=_head_dims(64, 128, max_fp32=256),
+                         shared_memory=_cuda_shared_memory, deterministic="on request"),
+            # the fp32 path on CUDA (see _registry's docstring for why)
+            "sdpa": dict(kernels=(".sdpa.joint_attention", "forward", "backward"), dtypes=(torch.float32,),
+                         accepts=_sdpa_accepts, deterministic="on request"),
+            # fp32 dots use TF32 on GPUs only when torch.backends.cuda.matmul.allow_tf32 is set; the
+            # backward is always the deterministic one
+            "triton": dict(kernels=(".triton.joint_attention", "forward", "backward"), dtypes=_HALF + (torch.float32,),
+                           accepts=_triton_accepts),
+        })

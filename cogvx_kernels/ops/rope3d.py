@@ -8,13 +8,12 @@ identical inputs.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _registry
 from ..reference import rope3d as reference
-from ._checks import check_fp32_positive, check_like, check_no_internal_overlap, check_tensor, is_int
+from ._checks import check_fp32_positive, check_like, check_tensor, is_int
+from ._declare import declare
 
 AXES_DIM = (16, 24, 24)
 
@@ -30,15 +29,13 @@ def rope3d(x: torch.Tensor, *, text_len: int, pos_t, pos_h, pos_w, axes_dim=AXES
     not share memory).
     """
     positions, grid, theta = check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta)
-    if inplace:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise ValueError("rope3d(inplace=True) is for inference: x requires grad; use inplace=False")
-        check_no_internal_overlap("rope3d(inplace=True): x", x)
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("rope3d(inplace=True) is for inference: x requires grad; use inplace=False")
     tables = reference.axis_tables(*positions, tuple(axes_dim), theta)
     impl = _registry.select("rope3d", backend, x.device, x.dtype)
     args = (tables, text_len, *grid, list(axes_dim), False)
-    if inplace:
-        impl.fn.inplace(x, *args)
+    if inplace:  # refused where x's elements share memory (the in-place op checks it)
+        _ROPE_INPLACE[impl.backend](x, *args)
         return x
     return impl.fn(x, *args)
 
@@ -73,7 +70,7 @@ def _qk_norm_call(q, k, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, 
     eps = check_fp32_positive("eps", eps, "the LayerNorm adds it to the variance in fp32")
     impl = _registry.select("qk_norm_rope3d", backend, q.device, q.dtype)
     args = (tables, text_len, *grid, list(axes_dim), eps)
-    return impl.fn(q, norm_q_weight, norm_q_bias, *args), impl.fn(k, norm_k_weight, norm_k_bias, *args)
+    return impl.fn(q, norm_q_weight, norm_q_bias, *args)[0], impl.fn(k, norm_k_weight, norm_k_bias, *args)[0]
 
 
 def qk_norm_rope3d_token_tables(q: torch.Tensor, k: torch.Tensor, norm_q_weight=None, norm_q_bias=None,
@@ -143,7 +140,15 @@ def check_rope_args(x, text_len, pos_t, pos_h, pos_w, axes_dim, theta, name="x")
     return positions, grid, theta
 
 
-# ---- custom ops: fake implementations and autograd ----------------------------------------------
+# ---- declaration -------------------------------------------------------------------------------
+
+_GRID = "Tensor tables, SymInt text_len, SymInt T, SymInt H, SymInt W, SymInt[] axes_dim"
+ROPE_SCHEMA = f"(Tensor x, {_GRID}, bool inverse) -> Tensor"
+ROPE_INPLACE_SCHEMA = f"(Tensor(a0!) x, {_GRID}, bool inverse) -> ()"
+NORM_SCHEMA = f"(Tensor x, Tensor? weight, Tensor? bias, {_GRID}, float eps) -> (Tensor, Tensor, Tensor)"
+NORM_BACKWARD_SCHEMA = (f"(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, {_GRID}, "
+                        "bool has_weight, bool has_bias) -> (Tensor, Tensor, Tensor)")
+
 
 def _rope_fake(x, tables, text_len, T, H, W, axes_dim, inverse):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -154,11 +159,12 @@ def _rope_setup(ctx, inputs, output):
     ctx.args = (tables, text_len, T, H, W, axes_dim, not inverse)
 
 
-def _rope_backward(rope_op):
-    def backward(ctx, grad):
-        # the rotation is orthogonal: its gradient is the rotation by minus the angle
-        return (rope_op(grad, *ctx.args),) + (None,) * 7
-    return backward
+def _rope_backward(rope_op, ctx, grad):
+    return (rope_op(grad, *ctx.args),)  # the rotation is orthogonal: its gradient rotates by minus the angle
+
+
+def _reference_inplace(x, *args):
+    x.copy_(reference.rope3d_tables(x, *args))
 
 
 def _norm_fake(x, weight, bias, tables, text_len, T, H, W, axes_dim, eps):
@@ -183,102 +189,26 @@ def _norm_setup(ctx, inputs, output):
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
-def _norm_backward(backward_op):
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        x, weight, mean, rstd, tables = ctx.saved_tensors
-        grad_x, grad_w, grad_b = backward_op(grad_out.contiguous(), x, weight, mean, rstd, tables, *ctx.grid, *ctx.has)
-        grad_w = grad_w.to(ctx.dtypes[0]) if ctx.has[0] else None
-        grad_b = grad_b.to(ctx.dtypes[1]) if ctx.has[1] else None
-        return (grad_x, grad_w, grad_b) + (None,) * 7
-    return backward
+def _norm_backward(backward_op, ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd, tables = ctx.saved_tensors
+    grad_x, grad_w, grad_b = backward_op(grad_out.contiguous(), x, weight, mean, rstd, tables, *ctx.grid, *ctx.has)
+    return grad_x, grad_w.to(ctx.dtypes[0]) if ctx.has[0] else None, grad_b.to(ctx.dtypes[1]) if ctx.has[1] else None
 
 
-def _register_native():
-    torch.library.register_fake("cogvx::rope3d")(_rope_fake)
-    torch.library.register_fake("cogvx::rope3d_")(lambda x, *args: None)
-    torch.library.register_autograd("cogvx::rope3d", _rope_backward(torch.ops.cogvx.rope3d), setup_context=_rope_setup)
-    torch.library.register_fake("cogvx::qk_norm_rope3d")(_norm_fake)
-    torch.library.register_fake("cogvx::qk_norm_rope3d_backward")(_norm_backward_fake)
-    torch.library.register_autograd("cogvx::qk_norm_rope3d", _norm_backward(torch.ops.cogvx.qk_norm_rope3d_backward),
-                                    setup_context=_norm_setup)
-
-
-@torch.library.custom_op("cogvx::rope3d_triton", mutates_args=())
-def _rope_triton(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int, axes_dim: list[int],
-                 inverse: bool) -> torch.Tensor:
-    from ..triton import rope3d as kernels
-    return kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse)
-
-
-@torch.library.custom_op("cogvx::rope3d_triton_", mutates_args=("x",))
-def _rope_triton_inplace(x: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
-                         axes_dim: list[int], inverse: bool) -> None:
-    check_no_internal_overlap("cogvx::rope3d_triton_: x", x)  # a raw op too (torch.ops)
-    from ..triton import rope3d as kernels
-    kernels.rope3d(x, tables, text_len, T, H, W, axes_dim, inverse, out=x)
-
-
-@torch.library.custom_op("cogvx::qk_norm_rope3d_triton", mutates_args=())
-def _norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], tables: torch.Tensor,
-                 text_len: int, T: int, H: int, W: int, axes_dim: list[int],
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import rope3d as kernels
-    return kernels.qk_norm_rope3d(x, weight, bias, tables, text_len, T, H, W, axes_dim, eps)
-
-
-@torch.library.custom_op("cogvx::qk_norm_rope3d_triton_backward", mutates_args=())
-def _norm_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                          rstd: torch.Tensor, tables: torch.Tensor, text_len: int, T: int, H: int, W: int,
-                          axes_dim: list[int], has_weight: bool,
-                          has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import rope3d as kernels
-    return kernels.qk_norm_rope3d_backward(grad_out, x, weight, mean, rstd, tables, text_len, T, H, W, axes_dim,
-                                           has_weight, has_bias)
-
-
-_rope_triton.register_fake(_rope_fake)
-_rope_triton_inplace.register_fake(lambda x, *args: None)
-_rope_triton.register_autograd(_rope_backward(_rope_triton), setup_context=_rope_setup)
-_norm_triton.register_fake(_norm_fake)
-_norm_triton_backward.register_fake(_norm_backward_fake)
-_norm_triton.register_autograd(_norm_backward(_norm_triton_backward), setup_context=_norm_setup)
-
-
-# ---- backends -----------------------------------------------------------------------------------
-
-class _RopeBackend:
-    """Out-of-place call plus `.inplace` (the in-place variant) for one backend."""
-
-    def __init__(self, fn, inplace):
-        self.fn, self.inplace = fn, inplace
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
-def _reference_inplace(x, *args):
-    x.copy_(reference.rope3d_tables(x, *args))
-
-
-_ROPE = {
-    "reference": _RopeBackend(reference.rope3d_tables, _reference_inplace),
-    "cpu": _RopeBackend(lambda *a: torch.ops.cogvx.rope3d(*a), lambda *a: torch.ops.cogvx.rope3d_(*a)),
-    "cuda": _RopeBackend(lambda *a: torch.ops.cogvx.rope3d(*a), lambda *a: torch.ops.cogvx.rope3d_(*a)),
-    "triton": _RopeBackend(_rope_triton, _rope_triton_inplace),
-}
-_NORM = {
-    "reference": reference.qk_norm_rope3d_tables,
-    "cpu": lambda *a: torch.ops.cogvx.qk_norm_rope3d(*a)[0],
-    "cuda": lambda *a: torch.ops.cogvx.qk_norm_rope3d(*a)[0],
-    "triton": lambda *a: _norm_triton(*a)[0],
-}
 # float64 is refused by the argument checks (the tables are fp32). Every backward is deterministic
 # (the parameter gradients are reduced in a fixed order, no atomics); the CUDA kernels' static shared
 # memory fits every GPU.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-for _backend in ("reference", "cpu", "cuda", "triton"):
-    _native = "rope3d" if _backend in ("cpu", "cuda") else None
-    _registry.register(_registry.Implementation("rope3d", _backend, _ROPE[_backend], dtypes=_DTYPES, native_op=_native))
-    _registry.register(_registry.Implementation(
-        "qk_norm_rope3d", _backend, _NORM[_backend], dtypes=_DTYPES,
-        native_op="qk_norm_rope3d" if _native else None))
+_TRITON = ".triton.rope3d"
+declare("rope3d", ROPE_SCHEMA, _rope_fake, backward=_rope_backward, setup_context=_rope_setup, backends={
+    "reference": dict(fn=reference.rope3d_tables, dtypes=_DTYPES), "cpu": dict(dtypes=_DTYPES),
+    "cuda": dict(dtypes=_DTYPES), "triton": dict(kernels=(_TRITON, "rope3d"), dtypes=_DTYPES)})
+# the in-place variant of the backend chosen for rope3d (inference only: no autograd)
+_ROPE_INPLACE = declare("rope3d_", ROPE_INPLACE_SCHEMA, lambda x, *args: None, register=False, backends={
+    "reference": dict(fn=_reference_inplace), "cpu": {}, "cuda": {}, "triton": dict(kernels=(_TRITON, "rope3d_"))})
+# every backend returns a tuple whose first element is the output (the ops' also mean and rstd)
+declare("qk_norm_rope3d", NORM_SCHEMA, _norm_fake, backward=_norm_backward, setup_context=_norm_setup,
+        backward_schema=NORM_BACKWARD_SCHEMA, backward_fake=_norm_backward_fake, backends={
+            "reference": dict(fn=lambda *args: (reference.qk_norm_rope3d_tables(*args),), dtypes=_DTYPES),
+            "cpu": dict(dtypes=_DTYPES), "cuda": dict(dtypes=_DTYPES),
+            "triton": dict(kernels=(_TRITON, "qk_norm_rope3d", "qk_norm_rope3d_backward"), dtypes=_DTYPES)})

@@ -506,20 +506,6 @@ def _launch_config(kind: str, kernel, dtype: torch.dtype, device: torch.device,
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _check(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None) -> None:
-    if x.dim() != 5 or weight.dim() != 5 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"causal_conv3d: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be "
-                         "(B, C_in, T, H, W) and (C_out, C_in, kt, kh, kw)")
-    _dtype_class(x.dtype)
-    if halo is not None and halo.dtype != x.dtype:
-        raise TypeError(f"causal_conv3d: halo must have the dtype of x ({x.dtype}); got {halo.dtype}")
-    if halo is not None and weight.shape[2] > 1:
-        B, C, _, H, W = x.shape
-        if tuple(halo.shape) != (B, C, weight.shape[2] - 1, H, W):
-            raise ValueError(f"causal_conv3d: halo must be (B, C_in, kt-1, H, W) = "
-                             f"{(B, C, weight.shape[2] - 1, H, W)}; got {tuple(halo.shape)}")
-
-
 def _off64(*spans: int) -> bool:
     """Whether an in-tile offset (sum of index * stride over a tile) can reach 2^31."""
     return max(spans) >= 2 ** 31 - 1
@@ -536,8 +522,8 @@ def _halo_args(x: torch.Tensor, halo: torch.Tensor | None, kt: int):
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             halo: torch.Tensor | None, pad_h: int, pad_w: int) -> torch.Tensor:
-    """y = causal_conv3d(x, weight, bias, halo, padding=(pad_h, pad_w)); contiguous, dtype of x."""
-    _check(x, weight, halo)
+    """y = causal_conv3d(x, weight, bias, halo, padding=(pad_h, pad_w)); contiguous, dtype of x. The
+    arguments are those `ops.causal_conv3d` validated."""
     B, C_in, T, H, W = x.shape
     C_out, _, kt, kh, kw = weight.shape
     Ho, Wo = H + 2 * pad_h - kh + 1, W + 2 * pad_w - kw + 1
@@ -586,14 +572,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo
 
 
 def _backward(grad_out, x, weight, halo, pad_h, pad_w, has_bias, dw_splits: int | None = None):
-    _check(x, weight, halo)
     B, C_in, T, H, W = x.shape
     C_out, _, kt, kh, kw = weight.shape
     Ho, Wo = H + 2 * pad_h - kh + 1, W + 2 * pad_w - kw + 1
     dev = x.device
-    if tuple(grad_out.shape) != (B, C_out, T, Ho, Wo):
-        raise ValueError(f"causal_conv3d backward: grad_out must be {(B, C_out, T, Ho, Wo)}; "
-                         f"got {tuple(grad_out.shape)}")
     grad_out = grad_out.to(x.dtype)
     has_halo = halo is not None and kt > 1
     grad_x = torch.empty((B, C_in, T, H, W), device=dev, dtype=x.dtype)

@@ -334,24 +334,11 @@ def _block_rows(D: int, tile: int) -> int:
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _grid_args(x: torch.Tensor, tables: torch.Tensor, text_len: int, grid_t: int, grid_h: int, grid_w: int,
-               axes_dim) -> tuple:
-    """Validates the shapes; returns (tables fp32 contiguous, B, NH, L, D, half_t, half_th)."""
-    if x.dim() != 4:
-        raise ValueError(f"rope3d: x must be (B, heads, L, D); got shape {tuple(x.shape)}")
+def _grid_args(x: torch.Tensor, tables: torch.Tensor, axes_dim) -> tuple:
+    """(tables fp32 contiguous, B, NH, L, D, half_t, half_th) of arguments that `ops.rope3d` /
+    `ops.qk_norm_rope3d` validated and built."""
     B, NH, L, D = x.shape
-    axes = [int(a) for a in axes_dim]
-    if len(axes) != 3 or any(a < 0 or a % 2 for a in axes) or sum(axes) != D:
-        raise ValueError(f"rope3d: axes_dim {tuple(axes)} must be three even sizes summing to D={D}")
-    if text_len < 0 or grid_t < 0 or grid_h < 0 or grid_w < 0 or L != text_len + grid_t * grid_h * grid_w:
-        raise ValueError(f"rope3d: L={L} must equal text_len + T·H·W = {text_len} + {grid_t}·{grid_h}·{grid_w}")
-    rows = grid_t + grid_h + grid_w
-    if tuple(tables.shape) != (2, rows, D // 2):
-        raise ValueError(f"rope3d: tables must be (2, T+H+W, D/2) = {(2, rows, D // 2)}; got {tuple(tables.shape)}")
-    if tables.device != x.device:
-        raise ValueError(f"rope3d: tables on {tables.device}, x on {x.device}")
-    tables = tables.to(torch.float32).contiguous()
-    return tables, B, NH, L, D, axes[0] // 2, (axes[0] + axes[1]) // 2
+    return tables.to(torch.float32).contiguous(), B, NH, L, D, axes_dim[0] // 2, (axes_dim[0] + axes_dim[1]) // 2
 
 
 def _safe_grid(v: int) -> int:
@@ -364,7 +351,7 @@ def rope3d(x: torch.Tensor, tables: torch.Tensor, text_len: int, grid_t: int, gr
     """3D RoPE of x (B, heads, L, D) (any strides; text tokens copied), by the (cos, sin) `tables`
     (2, T+H+W, D/2) fp32; `inverse` rotates by minus the angle. Returns a new contiguous tensor of
     x's dtype, or writes into `out` (any strides, same shape; may be x itself) and returns it."""
-    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, text_len, grid_t, grid_h, grid_w, axes_dim)
+    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, axes_dim)
     if out is None:
         out = torch.empty((B, NH, L, D), device=x.device, dtype=x.dtype)
     elif tuple(out.shape) != tuple(x.shape) or out.device != x.device:
@@ -388,23 +375,14 @@ def rope3d_(x: torch.Tensor, tables: torch.Tensor, text_len: int, grid_t: int, g
     rope3d(x, tables, text_len, grid_t, grid_h, grid_w, axes_dim, inverse, out=x)
 
 
-def _param(name: str, p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    if p is None:
-        return None
-    if tuple(p.shape) != (x.shape[-1],) or p.device != x.device:
-        raise ValueError(f"qk_norm_rope3d: {name} must be (D,) = ({x.shape[-1]},) on {x.device}; "
-                         f"got {tuple(p.shape)} on {p.device}")
-    return p.contiguous()
-
-
 def qk_norm_rope3d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, tables: torch.Tensor,
                    text_len: int, grid_t: int, grid_h: int, grid_w: int, axes_dim, eps: float):
     """(out, mean, rstd): LayerNorm over D of every (b, head, token) row of x (any strides), times
     weight plus bias (each (D,) or None), then the 3D RoPE of the video tokens, in fp32. out:
     contiguous, x's dtype; mean / rstd: fp32 (B, heads, L) contiguous."""
-    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, text_len, grid_t, grid_h, grid_w, axes_dim)
-    weight = _param("weight", weight, x)
-    bias = _param("bias", bias, x)
+    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, axes_dim)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     out = torch.empty((B, NH, L, D), device=x.device, dtype=x.dtype)
     mean = torch.empty((B, NH, L), device=x.device, dtype=torch.float32)
     rstd = torch.empty((B, NH, L), device=x.device, dtype=torch.float32)
@@ -437,15 +415,8 @@ def qk_norm_rope3d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
     cogvx::qk_norm_rope3d_backward). grad_out / x: any strides; grad_x contiguous in x's dtype;
     grad_weight / grad_bias fp32 (D,), or empty (0,) when has_weight / has_bias is False.
     `programs` (tests): the number of programs the rows are split over (default: 24 per SM)."""
-    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, text_len, grid_t, grid_h, grid_w, axes_dim)
-    if tuple(grad_out.shape) != tuple(x.shape) or grad_out.device != x.device:
-        raise ValueError(f"qk_norm_rope3d_backward: grad_out must be like x {tuple(x.shape)}; "
-                         f"got {tuple(grad_out.shape)}")
-    if tuple(mean.shape) != (B, NH, L) or tuple(rstd.shape) != (B, NH, L):
-        raise ValueError(f"qk_norm_rope3d_backward: mean / rstd must be (B, heads, L) = {(B, NH, L)}")
-    weight = _param("weight", weight, x) if has_weight else None
-    if has_weight and weight is None:
-        raise ValueError("qk_norm_rope3d_backward: has_weight is True but weight is None")
+    tables, B, NH, L, D, half_t, half_th = _grid_args(x, tables, axes_dim)
+    weight = weight.contiguous() if has_weight and weight is not None else None
     mean = mean.to(torch.float32).contiguous()
     rstd = rstd.to(torch.float32).contiguous()
     dev = x.device
