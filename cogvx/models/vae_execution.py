@@ -1,19 +1,11 @@
-"""How the 3D causal VAE (`cogvx.models.vae`) runs over a video: the model's layers are the paper's,
-this module decides which frames and pixels they see at a time. None of it changes the numbers a
-chunking gives; it bounds memory.
-
-- Frame chunks (`frame_chunks`, `run_chunks`): diffusers' chunking. Each causal conv keeps the last
-  kt-1 frames of its input (its cache) for the next chunk; GroupNorm statistics are the chunk's.
-- Slices: without autograd, a norm -> SiLU -> conv runs over slices of a chunk's frames.
-- Spatial tiles (`tiled`): diffusers' tiling, tiles blended across their overlap.
-- Recomputation in backward: a norm's intermediates (`norm_act_conv`), a ResNet block's
-  activations (`FrameContext.checkpointed`, gradient checkpointing).
+"""How the 3D causal VAE's layers (`cogvx.models.vae`) run over a video: diffusers' frame chunks
+(`run_chunks`) and spatial tiles (`tiled`), with its numbers; slices of a chunk's frames and
+recomputation in backward, which bound memory and change no number.
 
 Every causal conv and GroupNorm goes through a `FrameContext` (`ctx.conv_slices`,
-`ctx.group_moments`): it decides how frames outside the ones at hand reach them. The default keeps
-each conv's cache from one frame chunk to the next (single process);
-`cogvx.parallel.vae.ContextParallel` exchanges them between ranks holding consecutive frame slices
-and all-reduces GroupNorm statistics.
+`ctx.group_moments`), which decides how frames outside the ones at hand reach them: in one process
+each conv's cache is carried from one chunk (or slice) to the next; `cogvx.parallel.vae.ContextParallel`
+exchanges them between ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
 """
 from __future__ import annotations
 
