@@ -424,8 +424,8 @@ class CausalVAE(nn.Module):
         if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
             raise ValueError(f"video must have 1 + {ratio}·k frames (causal layout: the first frame alone); "
                              f"got {video.shape[2]}")
-        halvings = 2 ** self.config.temporal_levels  # each keeps an odd count's first frame: ceil(n / 2)
-        return DiagonalGaussian(self._run(self.encoder, video, self.encode_frames, lambda n: -(-n // halvings),
+        time_ratio = 2 ** self.config.temporal_levels  # each halving keeps an odd count's first frame: ceil(n / 2)
+        return DiagonalGaussian(self._run(self.encoder, video, self.encode_frames, lambda n: -(-n // time_ratio),
                                           progress, "encode"))
 
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:

@@ -205,7 +205,8 @@ def tile_steps_by_latents(size: int, frac: float, factor: int) -> bool:
 
 def nearest_tile(target: int, frac: float, factor: int, limit: int) -> int:
     """The valid tile size (multiple of `factor`, at most `limit`) nearest `target`."""
-    candidates = [size for size in range(factor, max(limit, factor) + 1, factor) if tile_steps_by_latents(size, frac, factor)]
+    candidates = [size for size in range(factor, max(limit, factor) + 1, factor)
+                  if tile_steps_by_latents(size, frac, factor)]
     if not candidates:
         raise ValueError(f"no tile size up to {limit} pixels steps by whole latents with overlap {frac:.4g}")
     return min(candidates, key=lambda size: (abs(size - target), size))
