@@ -13,45 +13,34 @@ BENCHMARKS = ("causal_conv3d", "rope3d", "qk_norm_rope3d", "joint_attention", "t
 
 
 class Benchmark(Protocol):
-    """A benchmark module: its module-level names, as a Protocol (a module can implement one)."""
+    """A benchmark module's names (a module can implement a Protocol)."""
 
     OP: str  # the op's name in the cogvx_kernels registry, or the model's
     SHAPE_SETS: dict[str, str]  # {"cuda": ..., "cpu": ...}: what the shapes are on each device (real or scaled down)
 
-    def shapes(self, device, quick: bool, tiny: bool = False) -> list[dict]:
-        """The shapes to time, as JSON-serialisable dicts (quick: 1-2 of them; tiny: the harness's tests')."""
-
-    def label(self, shape: dict) -> str:
-        """Short text for tables and plots."""
-
-    def make_inputs(self, shape: dict, device, dtype: torch.dtype, backward: bool, seed: int = 0) -> dict:
-        """Every argument of one call, shared by all backends (none of them mutates it)."""
-
-    def forward(self, backend: str, inputs: dict):
-        """One forward call through the public op (or the contender's model)."""
-
-    def forward_backward(self, backend: str, inputs: dict):
-        """Forward + backward: the gradients of every input that has one. Not needed if INFERENCE_ONLY."""
-
-    def flops(self, shape: dict, backward: bool) -> int:
-        """Useful flops of one call (0: not counted, e.g. memory-bound ops, judged by GB/s)."""
-
-    def bytes_moved(self, shape: dict, dtype: torch.dtype, backward: bool) -> int:
-        """Minimal bytes of one call: every input read once, every output written once."""
+    # the shapes to time, JSON-serialisable dicts (quick: 1-2 of them; tiny: the harness's tests')
+    def shapes(self, device, quick: bool, tiny: bool = False) -> list[dict]: ...
+    def label(self, shape: dict) -> str: ...  # short text for tables and plots
+    # every argument of one call, shared by all backends (none of them mutates it)
+    def make_inputs(self, shape: dict, device, dtype: torch.dtype, backward: bool, seed: int = 0) -> dict: ...
+    def forward(self, backend: str, inputs: dict): ...  # one call through the public op (or the contender's model)
+    # forward + backward: the gradients of every input that has one (not needed if INFERENCE_ONLY)
+    def forward_backward(self, backend: str, inputs: dict): ...
+    # useful flops of one call (0: not counted, e.g. memory-bound ops, judged by GB/s)
+    def flops(self, shape: dict, backward: bool) -> int: ...
+    # minimal bytes of one call: every input read once, every output written once
+    def bytes_moved(self, shape: dict, dtype: torch.dtype, backward: bool) -> int: ...
 
     # Optional; `load` fills in the defaults of OPTIONAL.
-    def contenders(self, device, dtype: torch.dtype) -> list[str]:
-        """A model benchmark (not a registry op): the names it times, the baseline first."""
-
-    def baselines(self, device, dtype: torch.dtype) -> list[str]:
-        """Timed before the registry's backends, instead of `reference`; the first is the baseline."""
-
+    # a model benchmark (not a registry op): the names it times, the baseline first
+    def contenders(self, device, dtype: torch.dtype) -> list[str]: ...
+    # timed before the registry's backends, instead of `reference`; the first is the baseline
+    def baselines(self, device, dtype: torch.dtype) -> list[str]: ...
     RUN_REFERENCE: bool  # with baselines(): time the `reference` backend too
     INFERENCE_ONLY: bool  # no forward+backward pass (--backward ignored)
     BUDGET: dict | None  # the repetitions (as _timing.BUDGETS) instead of the device's, except with --tiny
-
-    def load(self, backend: str, inputs: dict):
-        """A model benchmark: loads the contender's model, so that a child can measure load, then one call."""
+    # a model benchmark: loads the contender's model, so that a child can measure load, then one call
+    def load(self, backend: str, inputs: dict): ...
 
 
 OPTIONAL = dict(contenders=None, baselines=None, RUN_REFERENCE=False, INFERENCE_ONLY=False, BUDGET=None, load=None)

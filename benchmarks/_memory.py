@@ -231,20 +231,19 @@ def _cpu_peaks(op: str, shape: dict, backend: str, dtype: torch.dtype, modes: li
     return json.loads(lines[-1])
 
 
+# the row fields each child fills in: field -> the child's key (None: all it says)
+_FIELDS = {False: dict(peak_mem_mib="peak_mib", peak_mem_warm_mib="peak_warm_mib", peak_mem_detail=None),
+           True: dict(first_call_mib="first_call_mib", load_call_mib="load_call_mib", first_call_detail=None)}
+
+
 def add_cpu_peaks(rows: list[dict], op: str, shape: dict, backends: list[str], dtype: torch.dtype,
                   modes: list[str], model: bool) -> None:
     """Fills in the CPU memory figures of one shape's rows: a memory child per backend, and for a
-    `model` (a module with `load`) a first-call child too."""
+    `model` (a module with `load`) a first-call child too (its load and one first call)."""
     for backend in backends:
-        mine = [row for row in rows if row["backend"] == backend]
-        peaks = _cpu_peaks(op, shape, backend, dtype, modes, first=False)
-        for row in mine:
-            info = peaks.get(row["mode"], {})
-            row.update(peak_mem_mib=info.get("peak_mib"), peak_mem_warm_mib=info.get("peak_warm_mib"),
-                       peak_mem_detail=info)
-        if model:  # its load and one first call in a fresh process
-            firsts = _cpu_peaks(op, shape, backend, dtype, modes, first=True)
-            for row in mine:
-                info = firsts.get(row["mode"], {})
-                row.update(first_call_mib=info.get("first_call_mib"), load_call_mib=info.get("load_call_mib"),
-                           first_call_detail=info)
+        for first in (False, True) if model else (False,):
+            figures = _cpu_peaks(op, shape, backend, dtype, modes, first)
+            for row in rows:
+                if row["backend"] == backend:
+                    info = figures.get(row["mode"], {})
+                    row.update({field: info if key is None else info.get(key) for field, key in _FIELDS[first].items()})

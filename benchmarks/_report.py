@@ -148,7 +148,8 @@ def whole_header(args, device: torch.device, started: float) -> dict:
     """The header of a --distributed or --cli run that began at time.perf_counter() `started`."""
     return dict(date=_now(), machine=dict(platform=platform.platform(), cpu_model=cpu_model(), cpu_count=os.cpu_count(),
                                           gpu=_gpu_name(device)),
-                torch=torch.__version__, git=_git(), tiny=args.tiny, wall_s=round(time.perf_counter() - started, 1), load_average=load_average())
+                torch=torch.__version__, git=_git(), tiny=args.tiny, wall_s=round(time.perf_counter() - started, 1),
+                load_average=load_average())
 
 
 # ---- output -------------------------------------------------------------------------------------
