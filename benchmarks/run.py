@@ -48,7 +48,7 @@ from cogvx_kernels import _registry  # noqa: E402
 
 from benchmarks import _interface, _memory  # noqa: E402
 from benchmarks._interface import BENCHMARKS  # noqa: E402
-from benchmarks._report import (DTYPE_NAMES, gpu_peak, header, load_average, shape_set,  # noqa: E402,F401
+from benchmarks._report import (DTYPE_NAMES, gpu_peak, header, load_average, shape_set,  # noqa: E402,F401 (gpu_peak: tests)
                                 slug, table, whole_header, write_json, write_png)
 from benchmarks._timing import budget, time_interleaved  # noqa: E402
 
