@@ -1,5 +1,6 @@
 """Benchmarks of the cogvx_kernels ops: `python benchmarks/run.py --help`.
 
-One module per op (`benchmarks/<op>.py`); `run.py` maps op names to them and times every backend
-of the op registry against the `reference` baseline.
+One module per op or model (`benchmarks/<op>.py`), each implementing `_interface.Benchmark`;
+`run.py` (command line and run loop) times every backend of the op registry against the baseline,
+with `_timing.py`, `_memory.py` and `_report.py`.
 """

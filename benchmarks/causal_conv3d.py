@@ -1,17 +1,5 @@
 """Benchmark of `cogvx_kernels.causal_conv3d` (the causal 3x3x3 conv of the CogVideoX VAE).
-
-The interface every op module of `benchmarks/` provides (run.py relies on nothing else):
-
-    OP                                     the op's name in the cogvx_kernels registry
-    SHAPE_SETS = {"cuda": str, "cpu": str} what the shapes are on each device (real or scaled down)
-    shapes(device, quick, tiny=False)      list of shape dicts (JSON-serialisable)
-    label(shape) -> str                    short text for tables and plots
-    make_inputs(shape, device, dtype, backward, seed=0) -> dict
-    forward(backend, inputs)               one forward call through the public op
-    forward_backward(backend, inputs)      forward + backward (grads of every input that has one)
-    flops(shape, backward) -> int          useful flops of one call (backward: forward + 2x forward)
-    bytes_moved(shape, dtype, backward)    minimal bytes: every input read once, every output written once
-"""
+Interface: benchmarks/_interface.py."""
 from __future__ import annotations
 
 import math

@@ -3,7 +3,7 @@
 Baselines: torch's scaled_dot_product_attention, each of its GPU backends separately (flash,
 efficient, cuDNN; the first one is what speedups are measured against), on the CPU its default
 (ATen's CPU flash attention). The eager reference (an L × L score matrix) does not run: at the
-model's 17,776 tokens it would need ~120 GB. Interface: see benchmarks/causal_conv3d.py.
+model's 17,776 tokens it would need ~120 GB. Interface: benchmarks/_interface.py.
 """
 from __future__ import annotations
 

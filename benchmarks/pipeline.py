@@ -6,7 +6,7 @@ CPU: the embedded tiny model (9x64x96) and a reduced pipeline with real widths (
 GPU: the 2B and 5B transformers at full depth with the real VAE at 49x480x720, bf16, 4 steps,
 random weights built on the device, random prompt embeddings (T5-XXL is not what is measured).
 On the CPU "peak MiB" is a fresh process that loads the folder and generates; "warm MiB" a second
-call. Interface as in benchmarks/causal_conv3d.py.
+call. Interface: benchmarks/_interface.py.
 """
 from __future__ import annotations
 
@@ -141,10 +141,6 @@ def forward(backend: str, inputs: dict):
         call["progress"] = False
     with torch.no_grad():
         return pipe(prompt, **call).frames
-
-
-def forward_backward(backend: str, inputs: dict):
-    raise ValueError("the pipeline benchmark is inference only (no --backward)")
 
 
 def flops(shape: dict, backward: bool) -> int:

@@ -1,6 +1,6 @@
 """Benchmark of `cogvx_kernels.qk_norm_rope3d` (per-head LayerNorm of q and k + 3D RoPE, fused).
 Baseline: the eager formula (LayerNorm, then per-token cos/sin and apply_rotary_emb's math).
-Shapes as benchmarks/rope3d.py. Interface: see benchmarks/causal_conv3d.py."""
+Shapes as benchmarks/rope3d.py. Interface: benchmarks/_interface.py."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """Benchmark of `cogvx_kernels.rope3d` (3D RoPE of q or k). The baseline `reference` backend is the
 eager diffusers formula: per-token cos/sin tables and apply_rotary_emb's math in fp32. Interface:
-see benchmarks/causal_conv3d.py."""
+benchmarks/_interface.py."""
 from __future__ import annotations
 
 import torch

@@ -10,7 +10,7 @@ load + first forward; "warm MiB" a second forward. On the CPU the whole-model en
 diffusers-format folder (random weights, saved once under $COGVX_BENCH_CACHE, default
 ~/.cache/cogvx-bench); blocks load their weights from one safetensors file; on the GPU models are
 built with random weights on the device (a 5B checkpoint on disk would take minutes to write).
-Interface otherwise as in benchmarks/causal_conv3d.py.
+Interface: benchmarks/_interface.py.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ $COGVX_BENCH_CACHE, default ~/.cache/cogvx-bench); ours loads only the part it r
 it touches). On the CPU, "peak MiB" is load + first call in a fresh process, "warm MiB" a second
 call: the encode's/decode's own memory (peak RSS during the call minus RSS just before it); "1st
 MiB" one call after `load` in a fresh process with default malloc settings, as a user's process
-makes it, and "load+1st" the peak of load and call (see benchmarks/run.py). Interface as in
-benchmarks/causal_conv3d.py.
+makes it, and "load+1st" the peak of load and call (see benchmarks/_memory.py). Interface:
+benchmarks/_interface.py.
 """
 from __future__ import annotations
 
@@ -116,10 +116,6 @@ def forward(backend: str, inputs: dict):
         if backend == "diffusers":
             return model.decode(x).sample if kind == "decode" else model.encode(x).latent_dist.mean
         return model.decode(x) if kind == "decode" else model.encode(x).mean
-
-
-def forward_backward(backend: str, inputs: dict):
-    raise ValueError("the VAE benchmark is inference only (no --backward)")
 
 
 def flops(shape: dict, backward: bool) -> int:

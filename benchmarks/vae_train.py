@@ -20,7 +20,7 @@ statistics per slice), not the work. On the GPU: bf16 autocast over fp32 weights
 The step returns the loss terms (reconstruction, KL, LPIPS, generator, discriminator), so the
 harness's max|diff| compares the two contenders' terms after the same number of steps. "peak MiB"
 on the CPU is a fresh process's load + first step (optimiser state included); "warm MiB" a second
-step (its activations, gradients and temporaries). Interface as in benchmarks/causal_conv3d.py.
+step (its activations, gradients and temporaries). Interface: benchmarks/_interface.py.
 """
 from __future__ import annotations
 
@@ -187,10 +187,6 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
 
 
 forward = train_step
-
-
-def forward_backward(backend: str, inputs: dict):
-    raise ValueError("the VAE training benchmark's one call is a whole step (backwards included): no --backward")
 
 
 def flops(shape: dict, backward: bool) -> int:

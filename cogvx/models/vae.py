@@ -3,30 +3,27 @@
 with GroupNorm (decoder: SpatialNorm3D conditioned on the latent), processed in frame chunks with
 conv caches as diffusers does, so results match its `AutoencoderKLCogVideoX`.
 
-Parameter names are diffusers'; `cogvx.loading` reads its folders. Every causal conv and GroupNorm
-goes through a `FrameContext` (`ctx.conv_slices`, `ctx.group_moments`): it decides how frames
-outside the ones at hand reach them. The default keeps each conv's cache from one frame
-chunk to the next (single process); `cogvx.parallel.vae.ContextParallel` exchanges them between
-ranks holding consecutive frame slices and all-reduces GroupNorm statistics.
+Parameter names are diffusers'; `cogvx.loading` reads its folders. How the layers run over a video
+(frame chunks and their conv caches, slices, tiles, recomputation in backward) is
+`cogvx.models.vae_execution`: every causal conv and GroupNorm here goes through its `FrameContext`.
 """
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from cogvx_kernels import causal_conv3d
 from cogvx_kernels.nn import CausalConv3d
 
 from .. import loading
-from .._progress import progress_bar
 from .._random import randn
+from .vae_execution import (SLICE_ELEMENTS, FrameContext, frame_chunks, group_normalizer, modulate_, nearest_tile,
+                            norm_act_conv, run_chunks, tile_steps_by_latents, tiled)
 
 DIFFUSERS_CLASS = "AutoencoderKLCogVideoX"
 
@@ -105,154 +102,13 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
-SLICE_ELEMENTS = 2 ** 21  # elements of a layer's input per slice of frames without autograd (8 MiB in fp32)
-
-
-class FrameContext:
-    """Chunked processing in one process: each causal conv keeps the last kt-1 frames of its input
-    (its cache) for the next chunk; GroupNorm statistics are those of the chunk.
-
-    Without autograd, a norm -> SiLU -> conv runs over slices of about `slice_elements` input
-    elements (whole frames): the GroupNorm statistics are taken over the chunk first, then each
-    slice is normalised and convolved, its history reaching the next slice through the conv cache as
-    between chunks. Only a slice of the normalised input exists at a time, and the same numbers come
-    out."""
-
-    local_statistics = True  # GroupNorm statistics come from this process's frames alone
-
-    def __init__(self, slice_elements: int = SLICE_ELEMENTS):
-        self.caches: dict[nn.Module, torch.Tensor | None] = {}
-        self.slice_elements = slice_elements
-        self.final = False  # the last chunk: no later chunk reads a cache, so each goes after its last use
-
-    def slices(self, x: torch.Tensor) -> list[tuple[int, int]]:
-        """Frame ranges [start, end) of x to process at a time (all of it under autograd)."""
-        frames = x.shape[2]
-        if torch.is_grad_enabled() or frames == 0:
-            return [(0, frames)]
-        step = max(1, self.slice_elements // max(x[:, :, 0].numel(), 1))
-        return [(start, min(start + step, frames)) for start in range(0, frames, step)]
-
-    def conv_slices(self, conv: CausalConv3d, x: torch.Tensor, slices, inputs):
-        """conv over the frames of x given slice by slice: `inputs(start, end)` makes the conv's input
-        for x's frames [start, end) (same shape as them); yields (start, end, output frames)."""
-        update = not torch.is_grad_enabled()  # the caches are ours: history written over the old one
-        slices = list(slices)
-        for i, (start, end) in enumerate(slices):
-            y, self.caches[conv] = conv(inputs(start, end), self.caches.get(conv), update_cache=update)
-            if self.final and i == len(slices) - 1:
-                del self.caches[conv]  # freed before the later (larger) layers allocate
-            yield start, end, y
-            del y  # not held while the next slice's conv allocates its output
-
-    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        (_, _, y), = self.conv_slices(conv, x, [(0, x.shape[2])], lambda start, end: x[:, :, start:end])
-        return y
-
-    def group_moments(self, x: torch.Tensor, groups: int, slices) -> torch.Tensor:
-        """(mean, variance, count) of each (batch, group) of x over the chunk: (3, B, groups), float64."""
-        return merge_moments(torch.stack([_moments(x[:, :, start:end], groups) for start, end in slices]))
-
-
-def _moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Moments (3, B, groups) of x's channel groups: per (batch, channel) over contiguous rows (a time
-    slice of a contiguous tensor flattens without a copy), then merged over each group's channels."""
-    rows = x.flatten(2).float()  # float32 statistics for half-precision inputs, as GroupNorm
-    mean = rows.mean(-1, keepdim=True)  # two passes: 4× faster than var_mean's Welford on the CPU
-    var = torch.linalg.vector_norm(rows - mean, dim=-1).double() ** 2 / rows.shape[-1]
-    per_channel = torch.stack([mean[..., 0].double(), var, torch.full_like(var, rows.shape[-1])])
-    return merge_moments(per_channel.unflatten(2, (groups, -1)).permute(3, 0, 1, 2))
-
-
-def merge_moments(parts: torch.Tensor) -> torch.Tensor:
-    """Moments (N, 3, ...) of N disjoint parts -> the moments (3, ...) of their union."""
-    means, variances, counts = parts.unbind(1)
-    total = counts.sum(0)
-    mean = (means * counts).sum(0) / total
-    return torch.stack([mean, ((variances + (means - mean) ** 2) * counts).sum(0) / total, total])
-
-
-def group_normalizer(norm: nn.GroupNorm, x: torch.Tensor, ctx: FrameContext, slices):
-    """GroupNorm of x with statistics over the chunk (ctx), as a function of a frame range
-    (start, end) -> normalised frames: x · a + b with a, b per (batch, channel), computed in float32
-    and rounded once, as GroupNorm does. Under autograd in one process: the fused GroupNorm (its
-    forward and backward are two native ops, where the statistics by hand are many small ones)."""
-    if torch.is_grad_enabled() and ctx.local_statistics:  # one slice under autograd: the whole chunk
-        return lambda start, end: F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)[:, :, start:end]
-    mean, var, _ = ctx.group_moments(x, norm.num_groups, slices)
-    per_group = x.shape[1] // norm.num_groups
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)
-    shift = -mean.repeat_interleave(per_group, 1) * scale
-    if norm.affine:
-        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
-    lift = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
-    scale, shift = scale.float()[lift], shift.float()[lift]
-    return lambda start, end: torch.addcmul(shift, x[:, :, start:end], scale).to(x.dtype)
-
-
-def norm_act_conv(normalize, conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext, slices,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """conv(SiLU(normalize(x))) (+ residual), slice by slice (see FrameContext). Without autograd
-    the residual is added in place (the sum is returned in it)."""
-    inplace = not torch.is_grad_enabled()
-    activated = lambda start, end: F.silu(normalize(start, end), inplace=inplace)  # noqa: E731
-    if not inplace and ctx.local_statistics:
-        activated = partial(_recomputed, activated)
-    pieces = ctx.conv_slices(conv, x, slices, activated)
-    if not inplace:  # one slice (autograd)
-        (_, _, y), = pieces
-        return y if residual is None else y + residual
-    out = residual
-    for start, end, y in pieces:  # consumed to the end (a context may communicate after the last slice)
-        if residual is not None:
-            out[:, :, start:end] += y
-        elif len(slices) == 1:
-            out = y
-        else:
-            if out is None:
-                out = y.new_empty(*y.shape[:2], x.shape[2], *y.shape[3:])
-            out[:, :, start:end] = y
-        del y
-    return out
-
-
-def _recomputed(activated, start: int, end: int) -> torch.Tensor:
-    """activated(start, end) under autograd keeping none of its intermediates (the norm's output, the
-    modulation's resized scale and shift, the activation's input): backward recomputes them from the
-    norm's input, which the previous layer's backward keeps anyway. Elementwise work traded for
-    two to four activations per norm. Not under context parallelism, whose norms communicate."""
-    return torch.utils.checkpoint.checkpoint(activated, start, end, use_reentrant=False)
-
-
 def _per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A Conv2d applied to every frame of (B, C, T, H, W), as a (1, kh, kw) conv3d: no transposes."""
-    return F.conv3d(x, conv.weight[:, :, None], conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
-
-
-def _repeat_factors(small: torch.Tensor, big: torch.Tensor) -> tuple[int, int, int] | None:
-    """Integer (time, height, width) factors by which nearest resizing maps `small` onto `big`."""
-    factors = tuple(b // s for s, b in zip(small.shape[2:], big.shape[2:]))
-    return factors if all(s * k == b for s, k, b in zip(small.shape[2:], factors, big.shape[2:])) else None
-
-
-def _modulate_(f: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """f · nearest(scale) + nearest(shift), in place on f, with scale and shift at their own (lower)
-    resolution: repeated along the width only (contiguous inner loops for the in-place ops), then
-    broadcast over views of f along time and rows, so no full-resolution copy of them is made."""
-    factors = _repeat_factors(scale, f)
-    if factors is None or torch.is_grad_enabled():
-        size = f.shape[2:]
-        return f * F.interpolate(scale, size=size) + F.interpolate(shift, size=size)
-    (b, c, t, h, w), (kt, kh, kw) = f.shape, factors
-    if kw > 1:
-        scale, shift = scale.repeat_interleave(kw, dim=-1), shift.repeat_interleave(kw, dim=-1)
-    view = f.view(b, c, t // kt, kt, h // kh, kh, w)
-
-    def lift(x):
-        return x[:, :, :, None, :, None, :]
-
-    view.mul_(lift(scale)).add_(lift(shift))
-    return f
+    """A Conv2d applied to every frame of (B, C, T, H, W), as a (1, kh, kw) 3D conv: no transposes.
+    Our causal_conv3d at stride 1; torch's conv3d for a strided one (which ours has not)."""
+    weight = conv.weight[:, :, None]
+    if conv.stride == (1, 1):
+        return causal_conv3d(x, weight, conv.bias, padding=conv.padding)
+    return F.conv3d(x, weight, conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
 
 
 def _latent_frame_index(frames: int, latent_frames: int) -> torch.Tensor:
@@ -286,7 +142,7 @@ class SpatialNorm3D(nn.Module):
 
         def normalized(start: int, end: int) -> torch.Tensor:
             frames = index[start:end]
-            return _modulate_(normalize(start, end), scale.index_select(2, frames), shift.index_select(2, frames))
+            return modulate_(normalize(start, end), scale.index_select(2, frames), shift.index_select(2, frames))
         return normalized
 
 
@@ -359,7 +215,7 @@ class Upsample3D(nn.Module):
         self.compress_time = compress_time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = causal_conv3d(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0)), self.conv.weight[:, :, None], self.conv.bias)
+        y = _per_frame(self.conv, F.interpolate(x, scale_factor=(1.0, 2.0, 2.0)))
         b, c, t, h, w = y.shape
         if not self.compress_time or t == 1:
             return y
@@ -399,21 +255,10 @@ def _through_stages(stages: list[Stage], x: torch.Tensor, ctx: FrameContext, zq:
             if not isinstance(layer, ResnetBlock3D):
                 x = layer(x)
             elif layer.gradient_checkpointing and torch.is_grad_enabled():
-                x = _checkpointed(layer, x, ctx, zq)
+                x = ctx.checkpointed(layer, x, zq)
             else:
                 x = layer(x, ctx, zq)
     return x
-
-
-def _checkpointed(block: ResnetBlock3D, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None):
-    """block(x) keeping only its input for backward, which runs it again (gradient checkpointing).
-    The rerun must see the conv histories the first run saw: the context's caches are put back."""
-    before = {conv: ctx.caches.get(conv) for conv in (block.conv1, block.conv2)}
-
-    def run(x, zq):
-        ctx.caches.update(before)
-        return block(x, ctx, zq)
-    return torch.utils.checkpoint.checkpoint(run, x, zq, use_reentrant=False)
 
 
 class Encoder3D(nn.Module):
@@ -459,61 +304,6 @@ class Decoder3D(nn.Module):
         x = _through_stages([self.mid_block, *self.up_blocks], ctx.conv(self.conv_in, z), ctx, z)
         slices = ctx.slices(x)
         return norm_act_conv(self.norm_out.normalizer(x, z, ctx, slices), self.conv_out, x, ctx, slices)
-
-
-def frame_chunks(frames: int, size: int) -> list[tuple[int, int]]:
-    """diffusers' chunking: max(frames // size, 1) chunks of `size`, the remainder in the first."""
-    count, rest = max(frames // size, 1), frames % size
-    return [(0 if i == 0 else size * i + rest, min(size * (i + 1) + rest, frames)) for i in range(count)]
-
-
-def _tile_steps_by_latents(size: int, frac: float, factor: int) -> bool:
-    """Whether tiles of `size` pixels overlapping by `frac` advance by exactly what each keeps, in
-    latent and in pixel units (else the tiled result grows or shrinks, as in diffusers)."""
-    latent = size // factor
-    return size % factor == 0 and latent > 0 and int(latent * (1 - frac)) * factor == size - int(size * frac) \
-        and int(size * (1 - frac)) == (latent - int(latent * frac)) * factor
-
-
-def _nearest_tile(target: int, frac: float, factor: int, limit: int) -> int:
-    """The valid tile size (multiple of `factor`, at most `limit`) nearest `target`."""
-    candidates = [size for size in range(factor, max(limit, factor) + 1, factor) if _tile_steps_by_latents(size, frac, factor)]
-    if not candidates:
-        raise ValueError(f"no tile size up to {limit} pixels steps by whole latents with overlap {frac:.4g}")
-    return min(candidates, key=lambda size: (abs(size - target), size))
-
-
-def _blend_(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
-    """b's first `extent` slices along dim ramped linearly from a's last ones (in place on b)."""
-    extent = min(a.shape[dim], b.shape[dim], extent)
-    if extent == 0:
-        return
-    ramp = torch.arange(extent, dtype=torch.float64, device=b.device) / extent
-    shape = [1] * b.dim()
-    shape[dim] = extent
-    into, keep = (1 - ramp).to(b.dtype).reshape(shape), ramp.to(b.dtype).reshape(shape)
-    head = b.narrow(dim, 0, extent)
-    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * into + head * keep)
-
-
-def _tiled(x: torch.Tensor, run, tile, stride, blend, keep, progress: bool, what: str) -> torch.Tensor:
-    """diffusers' spatial tiling: tiles of `tile` (h, w) input pixels every `stride`, each through
-    `run`; each output tile's top/left `blend` rows/columns ramped from its upper/left neighbour (in
-    row-major order, in place, as diffusers does), and its first `keep` rows/columns kept."""
-    starts = [(i, j) for i in range(0, x.shape[3], stride[0]) for j in range(0, x.shape[4], stride[1])]
-    outs = {}
-    for i, j in progress_bar(starts, progress, f"{what} tiles"):
-        outs[i, j] = run(x[:, :, :, i:i + tile[0], j:j + tile[1]])
-    rows_i, cols_j = sorted({i for i, _ in starts}), sorted({j for _, j in starts})
-    rows = []
-    for a, i in enumerate(rows_i):
-        for b, j in enumerate(cols_j):
-            if a > 0:
-                _blend_(outs[rows_i[a - 1], j], outs[i, j], blend[0], dim=3)
-            if b > 0:
-                _blend_(outs[i, cols_j[b - 1]], outs[i, j], blend[1], dim=4)
-        rows.append(torch.cat([outs[i, j][:, :, :, :keep[0], :keep[1]] for j in cols_j], dim=4))
-    return torch.cat(rows, dim=3)
 
 
 class CausalVAE(nn.Module):
@@ -586,9 +376,6 @@ class CausalVAE(nn.Module):
         loading.save_pretrained(self, folder, self.config.to_dict(), DIFFUSERS_CLASS, max_shard_size=max_shard_size,
                                 state_dict=state_dict)
 
-    def _chunks(self, frames: int, size: int):
-        return [(0, frames)] if self.chunking == "whole" else frame_chunks(frames, size)
-
     def _check(self, x: torch.Tensor, name: str, channels: int, multiple: int):
         if x.dim() != 5:
             raise ValueError(f"{name} must be (batch, channels, frames, height, width); got shape {tuple(x.shape)}")
@@ -614,10 +401,10 @@ class CausalVAE(nn.Module):
             else overlap
         if not (0 <= fh < 1 and 0 <= fw < 1):
             raise ValueError(f"overlaps must be in [0, 1); got ({fh}, {fw})")
-        height = tile_height or _nearest_tile(c.sample_height // 2, fh, f, c.sample_height)
-        width = tile_width or _nearest_tile(c.sample_width // 2, fw, f, c.sample_width)
+        height = tile_height or nearest_tile(c.sample_height // 2, fh, f, c.sample_height)
+        width = tile_width or nearest_tile(c.sample_width // 2, fw, f, c.sample_width)
         for size, frac in ((height, fh), (width, fw)):
-            if not _tile_steps_by_latents(size, frac, f):
+            if not tile_steps_by_latents(size, frac, f):
                 raise ValueError(f"tile size {size} with overlap {frac:.4g} does not step by whole latents "
                                  f"(tile and overlap must be multiples of {f} pixels, e.g. 240×360 with "
                                  f"(1/6, 1/5), CogVideoX's default at 480×720)")
@@ -629,62 +416,37 @@ class CausalVAE(nn.Module):
         return self
 
     def encode(self, video: torch.Tensor, *, progress: bool = False) -> DiagonalGaussian:
+        """Video (B, 3, 1 + 4k, H, W) -> the posterior over latents (B, C, 1 + k, H/8, W/8), chunk by
+        chunk (tile by tile when tiling is on and the frame is larger than a tile)."""
         self._require("encoder")
         self._check(video, "video", self.config.in_channels, self.config.spatial_factor)
         ratio = int(self.config.temporal_compression_ratio)
         if video.shape[2] != 1 and (video.shape[2] - 1) % ratio:
             raise ValueError(f"video must have 1 + {ratio}·k frames (causal layout: the first frame alone); "
                              f"got {video.shape[2]}")
-        if self.tiling is not None and (video.shape[3] > self.tiling[0] or video.shape[4] > self.tiling[1]):
-            tile_h, tile_w, fh, fw = self.tiling
-            latent_h, latent_w = tile_h // self.config.spatial_factor, tile_w // self.config.spatial_factor
-            moments = _tiled(video, self._encode_chunks, (tile_h, tile_w),
-                             (int(tile_h * (1 - fh)), int(tile_w * (1 - fw))),
-                             (int(latent_h * fh), int(latent_w * fw)),
-                             (latent_h - int(latent_h * fh), latent_w - int(latent_w * fw)), progress, "encode")
-        else:
-            moments = self._encode_chunks(video, progress)
-        return DiagonalGaussian(moments)
-
-    def _encode_chunks(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        ctx = FrameContext(self.slice_elements)
-        chunks = self._chunks(video.shape[2], self.encode_frames)
-        parts = []
-        for start, end in progress_bar(chunks, progress, "encode chunks"):
-            ctx.final = end == chunks[-1][1]
-            parts.append(self.encoder(video[:, :, start:end], ctx))
-        return torch.cat(parts, dim=2)
+        time_ratio = 2 ** self.config.temporal_levels  # each halving keeps an odd count's first frame: ceil(n / 2)
+        return DiagonalGaussian(self._run(self.encoder, video, self.encode_frames, lambda n: -(-n // time_ratio),
+                                          progress, "encode"))
 
     def decode(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
         """Latents (B, C, F', h, w) -> video (B, 3, F, 8h, 8w), chunk by chunk (tile by tile when
         tiling is on and the frame is larger than a tile); `progress` shows a tqdm bar."""
         self._require("decoder")
         self._check(latents, "latents", self.config.latent_channels, 1)
-        if self.tiling is not None:
-            tile_h, tile_w, fh, fw = self.tiling
-            latent_h, latent_w = tile_h // self.config.spatial_factor, tile_w // self.config.spatial_factor
-            if latents.shape[3] > latent_h or latents.shape[4] > latent_w:
-                return _tiled(latents, self._decode_chunks, (latent_h, latent_w),
-                              (int(latent_h * (1 - fh)), int(latent_w * (1 - fw))),
-                              (int(tile_h * fh), int(tile_w * fw)),
-                              (tile_h - int(tile_h * fh), tile_w - int(tile_w * fw)), progress, "decode")
-        return self._decode_chunks(latents, progress)
+        return self._run(self.decoder, latents, self.decode_latents, self.decoded_frames, progress, "decode")
 
-    def _decode_chunks(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        ctx = FrameContext(self.slice_elements)
-        chunks = self._chunks(latents.shape[2], self.decode_latents)
-        out = None
-        for start, end in progress_bar(chunks, progress, "decode chunks"):
-            ctx.final = end == chunks[-1][1]
-            frames = self.decoder(latents[:, :, start:end], ctx)  # into one preallocated video: no cat
-            if out is None:
-                total = sum(self.decoded_frames(e - s) for s, e in chunks)
-                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
-                done = 0
-            out[:, :, done:done + frames.shape[2]] = frames
-            done += frames.shape[2]
-            del frames
-        return out
+    def _run(self, part: nn.Module, x: torch.Tensor, chunk_frames: int, out_frames, progress: bool, what: str):
+        """part (encoder or decoder) over x in frame chunks of `chunk_frames` (one with chunking="whole"),
+        in spatial tiles when tiling is on (the encoder's in video pixels, the decoder's in latents)."""
+        def run(x: torch.Tensor, progress: bool = False) -> torch.Tensor:
+            chunks = [(0, x.shape[2])] if self.chunking == "whole" else frame_chunks(x.shape[2], chunk_frames)
+            return run_chunks(part, x, chunks, out_frames, FrameContext(self.slice_elements), progress, what)
+        if self.tiling is None:
+            return run(x, progress)
+        height, width, fh, fw = self.tiling
+        video, latent = (height, width), (height // self.config.spatial_factor, width // self.config.spatial_factor)
+        tile, tile_out = (video, latent) if part is self.encoder else (latent, video)
+        return tiled(x, run, tile, tile_out, (fh, fw), progress, what)
 
     def decoded_frames(self, latent_frames: int) -> int:
         """Video frames the decoder makes of one chunk of latent frames (an odd count keeps its first

@@ -68,7 +68,8 @@ import torch.distributed as dist
 from cogvx_kernels.nn import CausalConv3d
 
 from .._random import randn
-from ..models.vae import CausalVAE, DiagonalGaussian, SLICE_ELEMENTS, FrameContext, merge_moments
+from ..models.vae import CausalVAE, DiagonalGaussian
+from ..models.vae_execution import SLICE_ELEMENTS, FrameContext, merge_moments
 
 
 def latent_counts(latent_frames: int, world: int) -> list[int]:
