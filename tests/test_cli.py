@@ -45,7 +45,7 @@ def assert_refused(returncode: int, stderr: str, message: str, folder: Path, bef
 def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(tmp_path):
     import imageio.v3 as iio
 
-    from cogvx.cli import DEFAULT_MODEL
+    from cogvx.cli import DEFAULT_MODEL, model_card
     from cogvx.pipeline import Pipeline
 
     out = tmp_path / "cat.mp4"
@@ -58,13 +58,14 @@ def test_generate_with_the_embedded_model_writes_an_mp4_equal_to_the_python_api(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.mp4"]  # no temporary file left
     video = iio.imread(out)
     assert video.shape == (9, 32, 48, 3)
+    guidance = model_card(DEFAULT_MODEL)["generate"]["guidance"]  # the CLI's default for this model
     expected = Pipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)(
-        "a red cat walking", num_inference_steps=2, num_frames=9, height=32, width=48,
+        "a red cat walking", num_inference_steps=2, num_frames=9, height=32, width=48, guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(3), progress=False).frames[0]
     # the mp4 is lossy (yuv420p, x264): compare coarsely, against another seed as the control
     err = np.abs(video.astype(np.float64) / 255 - expected).mean()
     other = Pipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)(
-        "a red cat walking", num_inference_steps=2, num_frames=9, height=32, width=48,
+        "a red cat walking", num_inference_steps=2, num_frames=9, height=32, width=48, guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(4), progress=False).frames[0]
     assert err < 0.5 * np.abs(other - expected).mean(), err
 
@@ -344,8 +345,8 @@ def test_sigterm_before_loading_exits_143(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     p = subprocess.Popen([sys.executable, "-m", "cogvx", "generate", "--prompt", "a cat", *FAST,
                           "--out", str(tmp_path / "o.mp4")], stderr=subprocess.PIPE, text=True, env=env)
-    first = p.stderr.readline()  # the embedded model's note: main() is running, its handler installed
-    assert first.startswith("note:"), first
+    first = p.stderr.readline()  # the unknown word's warning: main() is running, its handler installed
+    assert first.startswith("warning: not in the model's vocabulary"), first
     p.send_signal(signal.SIGTERM)
     stderr = first + p.stderr.read()
     assert p.wait(timeout=120) == 143, stderr

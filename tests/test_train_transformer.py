@@ -1,18 +1,22 @@
 """The transformer trainer (cogvx/train/transformer.py): its config, inputs and loss, checkpoints and
 resume, LoRA files diffusers loads, DDP and FSDP2 over gloo ranks, validation videos, `cogvx train`.
-The embedded tiny pipeline (cogvx/assets/tiny-cogvideox) as model and fixture: 9 frames of 32×32,
-a few steps each, CPU."""
+A tiny random pipeline (cogvx.tiny, 4 latent channels, 2 layers: the embedded model's old layout)
+as model and fixture: 9 frames of 32×32, a few steps each, CPU."""
+import atexit
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from cogvx.cli import DEFAULT_MODEL as TINY
+from cogvx import tiny
+from cogvx.cli import DEFAULT_MODEL
 from cogvx.loading import ConfigError
 from cogvx.models import CausalVAE, Transformer3D
 from cogvx.schedulers import load_scheduler
@@ -29,7 +33,8 @@ from test_train_vae import write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TINY = Path(TINY)
+TINY = tiny.build(Path(tempfile.mkdtemp(prefix="cogvx-tiny-")) / "tiny-cogvideox")
+atexit.register(shutil.rmtree, TINY.parent, True)
 SCALING = 0.7  # the tiny VAE's scaling_factor
 
 
@@ -474,14 +479,20 @@ def write_toml_text(path: Path, text: str) -> Path:
     return path
 
 
-def test_the_tiny_config_trains_the_embedded_pipelines_transformer(tmp_path):
-    """Its transformer has the embedded pipeline's layout (a trained one can replace it); two steps of
-    it run here, validation videos included."""
+def test_the_tiny_config_trains_on_the_embedded_pipeline(tmp_path):
+    """The tiny config's transformer (2 layers) takes the embedded pipeline's latents and text
+    length; the default model's config (tests/test_default_model.py trains it) has exactly the
+    embedded transformer's layout. Two steps of the tiny one run here, validation videos included."""
     config = load_transformer_config(CONFIGS / "transformer-tiny.toml")
     config.check_files()
-    embedded = json.loads((TINY / "transformer" / "config.json").read_text())
-    assert all(embedded[k] == v for k, v in config.model.transformer.to_dict().items())
-    assert config.pipeline.resolve() == TINY.resolve() and config.data.source == "synthetic:shapes"
+    embedded = json.loads((DEFAULT_MODEL / "transformer" / "config.json").read_text())
+    vae = json.loads((DEFAULT_MODEL / "vae" / "config.json").read_text())
+    layout = config.model.transformer
+    assert layout.in_channels == layout.out_channels == vae["latent_channels"]
+    assert layout.max_text_seq_length == embedded["max_text_seq_length"]
+    default = load_transformer_config(CONFIGS / "default-model-transformer.toml")
+    assert all(embedded[k] == v for k, v in default.model.transformer.to_dict().items())
+    assert config.pipeline.resolve() == DEFAULT_MODEL.resolve() and config.data.source == "synthetic:shapes"
     assert config.data.shapes == [(9, 32, 32), (1, 32, 32)] and 0 < config.data.image_ratio < 0.5
     assert config.train.device == "cpu" and config.validation.prompts
     short = config.to_dict()
