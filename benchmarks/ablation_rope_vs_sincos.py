@@ -3,6 +3,7 @@ encoding — 3D-RoPE (as CogVideoX-5B) and 3D sinusoidal absolute positions (as 
 `cogvx train` on the same `synthetic:shapes` latents, with the same steps and seeds.
 
     python benchmarks/ablation_rope_vs_sincos.py [--steps 400] [--seeds 0 1 2] [--pipeline FOLDER]
+        [--size H W]
 
 Each (encoding, seed) run trains configs/transformer-tiny.toml's transformer on one latent cache of
 the pipeline's VAE and T5 (default: the embedded model), seed s drawing the initial weights, the
@@ -43,9 +44,11 @@ HELD_OUT_SEED = 10_000  # the held-out clips' data seed: none of them is a train
 
 
 def run_config(pipeline: Path, cache: Path, out: Path, rope: bool, seed: int, steps: int,
-               clips: int) -> TransformerTrainConfig:
+               clips: int, size: tuple[int, int] | None = None) -> TransformerTrainConfig:
     data = read_toml(BASE_CONFIG, "transformer training")
     data["data"]["length"] = clips
+    if size is not None:  # the config's buckets (clips and images) at another frame size
+        data["data"]["buckets"] = [[frames, *size] for frames, _, _ in data["data"]["buckets"]]
     data["model"]["pipeline"] = str(pipeline)
     data["model"]["transformer"]["use_rotary_positional_embeddings"] = rope
     data["data"]["cache"] = str(cache)
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, default=1024, help="training clips (each at every bucket of the config)")
     p.add_argument("--held-out", type=int, default=32, help="held-out clips")
     p.add_argument("--window", type=int, default=50, help="moving-average window of the curves")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="frame size of the clips and images (default: the config's buckets, 32x32)")
     p.add_argument("--work", type=Path, default=Path("runs/ablation-rope-vs-sincos"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ablation_rope_vs_sincos",
                    help="OUT.csv, OUT.png and OUT.json are written")
@@ -111,8 +116,9 @@ def main(argv=None) -> int:
         p.error("at least 3 seeds and 2 steps")
     args.work, args.pipeline = args.work.resolve(), args.pipeline.resolve()  # the config reads paths from its folder
 
+    size = tuple(args.size) if args.size else None
     first = run_config(args.pipeline, args.work / "cache", args.work / "unused", True, args.seeds[0], args.steps,
-                       args.clips)
+                       args.clips, size)
     build_cache(first, args.work / "cache", first.data.seed, args.clips)
     held_out = build_cache(first, args.work / "held-out", HELD_OUT_SEED, args.held_out)
     schedule = load_scheduler(first.pipeline / "scheduler")
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
         curves[name], finals[name] = [], []
         for seed in args.seeds:
             out = args.work / f"{'rope' if rope else 'sincos'}-seed{seed}"
-            config = run_config(args.pipeline, args.work / "cache", out, rope, seed, args.steps, args.clips)
+            config = run_config(args.pipeline, args.work / "cache", out, rope, seed, args.steps, args.clips, size)
             result = train_transformer(config, resume=(out / f"checkpoint-{args.steps}").is_dir())
             _, rows = read_log(out / "log.csv")
             curves[name].append(smoothed([float(r["loss"]) for r in rows], args.window))
@@ -163,7 +169,8 @@ def main(argv=None) -> int:
     stats = {n: dict(mean=statistics.mean(finals[n]), std=statistics.stdev(finals[n]), runs=finals[n]) for n in names}
     difference = stats["3D-RoPE"]["mean"] - stats["3D sin-cos"]["mean"]
     spread = max(stats[n]["std"] for n in names)
-    summary = dict(steps=args.steps, seeds=args.seeds, pipeline=str(args.pipeline), held_out_clips=len(held_out),
+    summary = dict(steps=args.steps, seeds=args.seeds, pipeline=str(args.pipeline), buckets=first.data.shapes,
+                   held_out_clips=len(held_out),
                    held_out_loss=stats, rope_minus_sincos=difference, seed_spread=spread,
                    exceeds_spread=abs(difference) > 2 * spread)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -139,6 +139,8 @@ def forward(backend: str, inputs: dict):
         prompt = "a red cat walking in a garden"
     if backend == "cogvx":
         call["progress"] = False
+    elif prompt is not None:  # diffusers pads prompts to 226 tokens unless told the model's length (ours: 16)
+        call["max_sequence_length"] = pipe.transformer.config.max_text_seq_length
     with torch.no_grad():
         return pipe(prompt, **call).frames
 
