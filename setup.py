@@ -2,7 +2,8 @@
 and nvcc is found (COGVX_BUILD_CUDA=0|1 forces the choice).
 
 torch is needed at build time, so install it first and build with
-`pip install --no-build-isolation -e .` (scripts/setup_env.sh does both).
+`pip install --no-build-isolation -e .` (scripts/setup_env.sh does both). The package's metadata and
+dependencies: pyproject.toml.
 """
 import glob
 import os
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -91,7 +92,9 @@ def extensions():
         # cubins for A100 (runs on every sm_8x) and H100, PTX of sm_90 for newer GPUs (JIT-compiled by
         # the driver: Blackwell sm_100 / sm_120 run the kernels instead of "no kernel image")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # kernels split by family (csrc/cuda/<op>_*.cu) plus each op's host entry points (<op>.cpp):
+        # ninja compiles them in parallel (MAX_JOBS jobs, else ninja's default of about the core count)
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         include_dirs += wheel_cuda_include_dirs()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v",
                          "--expt-relaxed-constexpr"]
@@ -104,16 +107,8 @@ def extensions():
                     extra_compile_args=extra, extra_link_args=["-fopenmp"])]
 
 
+# The metadata and dependencies are in pyproject.toml; this file adds the extension.
 setup(
-    name="cogvx",
-    version="0.1.0",
-    description="Fast, lean CogVideoX text-to-video: our own Triton and CUDA kernels",
-    packages=find_packages(include=["cogvx", "cogvx.*", "cogvx_kernels", "cogvx_kernels.*"]),
-    package_data={"cogvx": ["assets/**/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm", "transformers", "imageio", "imageio-ffmpeg", "pillow"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "diffusers==0.42.0", "transformers"]},
-    entry_points={"console_scripts": ["cogvx=cogvx.cli:main"]},
 )

@@ -1,6 +1,6 @@
 // Every schema of the cogvx op library, declared once. Implementations register per dispatch key
-// from csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and autograd are registered
-// in Python (cogvx_kernels/ops/).
+// from csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp (rope3d: .cu); fake (meta) kernels and autograd are
+// registered in Python (cogvx_kernels/ops/).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -45,9 +45,7 @@ TORCH_LIBRARY(cogvx, m) {
 }
 
 #ifdef COGVX_WITH_CUDA
-namespace cogvx::attention::gpu {
-void smem_bytes(int D, int (&out)[3]);  // csrc/cuda/joint_attention.cu
-}
+#include "cuda/joint_attention.h"  // smem_bytes
 #endif
 // setup.py passes the arch list as bare tokens (-DCOGVX_CUDA_ARCHS=8.0,9.0+PTX: no quotes or
 // semicolons to survive the build's shell); stringified here.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or updates) the project's virtual environment in .venv and builds the kernels.
-#   bash scripts/setup_env.sh            # torch 2.14.1 (CUDA 13.0 build) + package + test deps
-# Idempotent: a second run only rebuilds what changed. Compiler caching (ccache, outside the
-# clone) makes rebuilding the CUDA kernels cheap across fresh clones on the same machine.
+#   bash scripts/setup_env.sh            # torch 2.14.1 (CUDA 13.0 build) + package + its [test] extra
+# The dependencies are declared once, in pyproject.toml. Idempotent: a second run only rebuilds what
+# changed. Compiler caching (ccache, outside the clone) makes rebuilding the CUDA kernels cheap
+# across fresh clones on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,9 +15,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip_install() { "$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$TORCH_SPEC"
-pip_install ninja numpy pytest safetensors tqdm "diffusers==0.42.0" transformers matplotlib expecttest imageio imageio-ffmpeg pillow \
-  av lpips "torchvision==0.29.1" peft   # training: PyAV decoding, LPIPS (its VGG16 backbone from torchvision), LoRA
-"$VENV/bin/python" -c "import torch, numpy, pytest, diffusers" >/dev/null
+# The build runs without isolation, against this torch: install pyproject.toml's build requirements.
+"$VENV/bin/python" -c "import tomllib" 2>/dev/null || pip_install tomli   # Python 3.10
+pip_install $("$VENV/bin/python" -c '
+try:
+    import tomllib
+except ImportError:
+    import tomli as tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+mkdir -p build
+# The extras must not replace this torch (torchvision, for one, follows it).
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > build/constraints.txt
 
 # CUDA toolkit root: the nvcc on PATH may be a wrapper script, so ask nvcc itself.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
@@ -40,11 +49,12 @@ fi
 # cubins for sm_80 (every sm_8x) and sm_90, plus sm_90 PTX that newer GPUs (Blackwell) JIT-compile
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-mkdir -p build
-echo "cogvx: building the kernels (log: build/build.log)"
-if ! "$VENV/bin/pip" install --disable-pip-version-check --no-build-isolation --no-deps -v -e . > build/build.log 2>&1; then
+echo "cogvx: installing the package with its [test] extra and building the kernels (log: build/build.log)"
+if ! "$VENV/bin/pip" install --disable-pip-version-check --no-build-isolation -c build/constraints.txt -v \
+    -e ".[test]" > build/build.log 2>&1; then
   tail -n 40 build/build.log >&2
-  echo "cogvx: build failed; full log in build/build.log" >&2
+  echo "cogvx: install or build failed; full log in build/build.log" >&2
   exit 1
 fi
+"$VENV/bin/python" -c "import torch, numpy, pytest, diffusers" >/dev/null
 "$VENV/bin/python" -m cogvx_kernels.info

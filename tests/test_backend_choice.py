@@ -16,7 +16,7 @@ A10 = _device.Device("NVIDIA A10", (8, 6), 101_376)
 A100 = _device.Device("NVIDIA A100-SXM4-80GB", (8, 0), 166_912)
 H100 = _device.Device("NVIDIA H100 80GB HBM3", (9, 0), 232_448)
 RTX_5090 = _device.Device("NVIDIA GeForce RTX 5090", (12, 0), 101_376)
-# what csrc/cuda/joint_attention.cu's tile configurations need (checked against the build below)
+# what csrc/cuda/joint_attention.h's tile configurations need (checked against the build below)
 SMEM = {"joint_attention": {
     64: {"forward": 55_296, "backward dK/dV": 109_568, "backward dQ": 73_728},
     128: {"forward": 69_632, "backward dK/dV": 123_904, "backward dQ": 139_264}}}

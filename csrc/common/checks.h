@@ -2,8 +2,9 @@
 // that both refuse the same inputs: the kernels index with these shapes and integers, so a mismatch
 // would read or write out of bounds. Checked: every tensor's rank and shape against the others, dtype
 // and device agreement, the integer arguments (grid, positions, padding), and no internal overlap of
-// what is written in place. Backend limits (supported dtypes, int32 extents, head dims) stay with
-// each backend. Host code only. The public Python wrappers check the same with friendlier messages.
+// what is written in place; and the limits the backends share (the kernels' dtypes, CUDA tensors).
+// Limits of one backend (int32 extents, head dims) stay with it. Host code only. The public Python
+// wrappers check the same with friendlier messages.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -49,6 +50,17 @@ inline void no_internal_overlap(const char* op, const char* name, const at::Tens
               " is written in place but has overlapping memory (strides ", t.strides(),
               "): unsupported operation: more than one element of the written-to tensor refers to a single "
               "memory location. Please clone() the tensor before performing the operation.");
+}
+
+// t has a dtype the kernels are built for (COGVX_DISPATCH_FLOAT_HALF_BF16): float32, bfloat16, float16.
+inline void kernel_dtype(const char* op, const char* backend, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, " (", backend, "): ", name,
+              " must be float32, bfloat16 or float16, got ", st);
+}
+
+inline void cuda_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 // ---- causal_conv3d ------------------------------------------------------------------------------
@@ -194,6 +206,13 @@ inline void qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const 
   shape(op, "v", v, k.sizes(), "(k's shape)");
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
     unit_last_stride(op, name, *t);
+}
+
+// The forward: qkv() and at least one key wherever there is a query row to normalise.
+inline void forward_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  qkv(op, q, k, v);
+  TORCH_CHECK(q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0 || k.size(2) > 0, op,
+              ": k and v must hold at least one key (Lk = 0)");
 }
 
 // Backward: qkv(), grad_out and out of q's shape, dtype and device with unit last-dim strides; lse and

@@ -8,7 +8,7 @@
 // (dh, dw) is the same band shifted by dh·band_w + dw, so y_tile += W_tap (C_out × C_in) · band_shifted
 // needs one packing for all kh·kw taps (the kw - 1 columns between rows are computed and dropped).
 // The band is O(C_in · 6 · 92) floats per thread at 60×90, not a copy of x. The GEMM is oneDNN's
-// fp32 batch-reduce micro-kernel exported by ATen (at::native::cpublas::brgemm); bf16/fp16 values
+// fp32 batch-reduce micro-kernel exported by ATen (csrc/cpu/gemm.h); bf16/fp16 values
 // are widened to fp32 while packing, so accumulation is always fp32. Tasks are spread with
 // at::parallel_for; the halo/first-frame and border index math lives in csrc/common/causal_conv3d.h,
 // shared with the CUDA file. Why not at::conv3d on views: the halo and the first kt-1 output
@@ -22,7 +22,6 @@
 // kernel at the VAE's 128–512-channel shapes on this CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,50 +30,23 @@
 #include "common/causal_conv3d.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/gemm.h"
 
 namespace cogvx {
 namespace {
 
 namespace cc = causal_conv3d;
 
-// C (M×N, row-major, ld_c, fp32) += A (M×K, ld_a) · B (K×N, ld_b), all fp32: a plain loop for tiny
-// products (oneDNN JIT-compiles a micro-kernel per new shape, which costs more than the work there).
-void gemm_acc_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B, int64_t ld_b,
-                   float* C, int64_t ld_c) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[m * ld_a + k];
-      for (int64_t n = 0; n < N; ++n) C[m * ld_c + n] += a * B[k * ld_b + n];
-    }
+// y += W · band products: blocks of 128 rows and 256 reductions (the micro-kernel does no cache
+// blocking; measured on AVX2, K 1152 in one call runs at about half the speed of K 256 blocks), the
+// plain loop for tiny products (the micro-kernel's JIT costs more than the work there).
+constexpr cpu::GemmBlocks kGemmBlocks{.m = 128, .k = 256, .min_work = 1 << 18};
+
+void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B, int64_t ld_b, float* C,
+              int64_t ld_c) {
+  cpu::gemm(kGemmBlocks, M, N, K, A, ld_a, B, ld_b, C, ld_c, /*add_C=*/true);
 }
 
-// The same with oneDNN's batch-reduce GEMM micro-kernel (exported by ATen) where torch has it. The
-// micro-kernel does no cache blocking of its own, so blocks of M and K stay cache-sized here
-// (measured on AVX2: K 1152 in one call runs at about half the speed of K 256 blocks).
-void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
-              int64_t ld_b, float* C, int64_t ld_c) {
-  if (M <= 0 || N <= 0 || K <= 0) return;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (M * N * K >= (1 << 18)) {
-    constexpr int64_t kBlockM = 128, kBlockK = 256;
-    for (int64_t m0 = 0; m0 < M; m0 += kBlockM)
-      for (int64_t k0 = 0; k0 < K; k0 += kBlockK)
-        at::native::cpublas::brgemm(std::min(kBlockM, M - m0), N, std::min(kBlockK, K - k0), ld_a, ld_b, ld_c,
-                                    /*add_C=*/true, A + m0 * ld_a + k0, B + k0 * ld_b, C + m0 * ld_c,
-                                    /*is_vnni=*/false);
-    return;
-  }
-#endif
-  gemm_acc_loop(M, N, K, A, ld_a, B, ld_b, C, ld_c);
-}
-
-void gemm_release() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  at::native::cpublas::brgemm_release(false);
-#endif
-}
-
-// AT_DISPATCH_FLOATING_TYPES_AND2 without double (brgemm has no fp64 kernel).
 // Strided 5-D frames (B, C, T, H, W).
 template <typename scalar_t>
 struct Frames {
@@ -254,7 +226,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       }
       store_tile(out.data(), ld_out, band_w, Cout, rows, cols, ys, b, t, oh0, ow0);
     }
-    gemm_release();
+    cpu::gemm_release();
   });
 }
 
@@ -422,7 +394,7 @@ void winograd_forward_kernel(const at::Tensor& x, const at::Tensor& weight, cons
       winograd_output_transform(m.data(), Cout, ld, trs, tcs, bias_f.data(), ys, b, t, oh0, ow0,
                                 std::min(2 * trs, Ho - oh0), std::min(2 * tcs, Wo - ow0), scratch.data());
     }
-    gemm_release();
+    cpu::gemm_release();
   });
 }
 
@@ -477,7 +449,7 @@ void grad_input_kernel(const at::Tensor& gy, const at::Tensor& w_packed_t, bool 
       }
       store_tile(out.data(), ld_out, band_w, Cin, rows, cols, is_halo ? ghs : gxs, b, index, ih0, iw0);
     }
-    gemm_release();
+    cpu::gemm_release();
   });
 }
 
@@ -536,13 +508,8 @@ void grad_weight_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Ten
           }
         }
     }
-    gemm_release();
+    cpu::gemm_release();
   });
-}
-
-void check_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "cogvx::causal_conv3d (CPU): x must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
 // Where oneDNN's convolution (ATen's conv3d on the time-padded input, fp32) beats the direct
@@ -589,8 +556,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> onednn_backward(
 at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& halo_in,
                              int64_t pad_h, int64_t pad_w) {
-  checks::conv::args("cogvx::causal_conv3d", x_in, weight, bias, halo_in, pad_h, pad_w);
-  check_dtype(x_in);
+  constexpr const char* op = "cogvx::causal_conv3d";
+  checks::conv::args(op, x_in, weight, bias, halo_in, pad_h, pad_w);
+  checks::kernel_dtype(op, "CPU", "x", x_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const at::Tensor& x = x_in;  // read through its strides: no copy for any layout
   std::optional<at::Tensor> halo;
@@ -620,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
   constexpr const char* op = "cogvx::causal_conv3d_backward";
   checks::conv::args(op, x_in, weight, std::nullopt, halo_in, pad_h, pad_w);
   checks::conv::grad_out(op, grad_out, x_in, weight, pad_h, pad_w);
-  check_dtype(x_in);
+  checks::kernel_dtype(op, "CPU", "x", x_in);
   const int64_t kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const at::Tensor& x = x_in;
   const at::Tensor& gy = grad_out;

@@ -27,7 +27,6 @@
 // bit-identical run to run for a given thread count: `deterministic` is accepted and always met.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -50,6 +49,7 @@
 #include "common/attention.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/gemm.h"
 
 namespace cogvx {
 namespace {
@@ -63,7 +63,6 @@ constexpr int64_t kFwdBlockK = 128;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 64;
 constexpr int64_t kBwdGroup = 4;  // key blocks that share one pass over the query blocks
-constexpr int64_t kGemmChunk = 128;  // largest N and K of one micro-kernel call
 
 // Uninitialised fp32 scratch, aligned to cache lines (a 16-byte aligned panel makes every other
 // 32-byte load of the micro-kernel straddle two lines).
@@ -77,71 +76,14 @@ struct Buffer {
   float* get() const { return p.get(); }
 };
 
-// ---------------------------------------------------------------------------------------------
-// GEMM: C (M×N, ld_c) (+)= A (M×K, ld_a) · B (K×N, ld_b), fp32, row-major.
-
-// Plain loop, for tiny products and for platforms without the oneDNN micro-kernel.
-void gemm_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B, int64_t ld_b,
-               float* C, int64_t ld_c, bool add_C) {
-  for (int64_t m = 0; m < M; ++m) {
-    float* c = C + m * ld_c;
-    if (!add_C) std::fill(c, c + N, 0.f);
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[m * ld_a + k];
-      const float* b = B + k * ld_b;
-      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
-    }
-  }
-}
-
-// Whether at::native::cpublas::brgemm runs fp32 here (it throws where oneDNN's micro-kernels are
-// missing, e.g. non-x86 builds): probed once on a 1×1×1 product.
-bool brgemm_available() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  static const bool ok = [] {
-    try {
-      float a = 1.f, b = 2.f, c = 0.f;
-      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c == 2.f;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
+// The tile products (csrc/cpu/gemm.h): N and K cut into blocks of 128 (measured on AVX2, the
+// micro-kernel runs at ~95 GFLOP/s while N and K stay <= 128 and drops to ~70 beyond), the plain loop
+// for tiny products (the micro-kernel is JIT-compiled per shape).
+constexpr cpu::GemmBlocks kGemmBlocks{.n = 128, .k = 128, .min_work = 2048};
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B, int64_t ld_b, float* C,
           int64_t ld_c, bool add_C) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!add_C)
-      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ld_c, C + m * ld_c + N, 0.f);
-    return;
-  }
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  // oneDNN JIT-compiles (and caches) one micro-kernel per shape: not worth it for tiny products.
-  // The micro-kernel does no cache blocking of its own; measured on AVX2 it runs at ~95 GFLOP/s
-  // while N and K stay <= 128 and drops to ~70 beyond, so wider products are cut into such calls.
-  if (M * N * K >= 2048 && brgemm_available()) {
-    constexpr int64_t kc = kGemmChunk;
-    for (int64_t n0 = 0; n0 < N; n0 += kc)
-      for (int64_t k0 = 0; k0 < K; k0 += kc)
-        at::native::cpublas::brgemm(M, std::min(kc, N - n0), std::min(kc, K - k0), ld_a, ld_b, ld_c,
-                                    add_C || k0 > 0, A + k0, B + k0 * ld_b + n0, C + n0, /*is_vnni=*/false);
-    return;
-  }
-#endif
-  gemm_loop(M, N, K, A, ld_a, B, ld_b, C, ld_c, add_C);
-}
-
-void gemm_release() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (brgemm_available()) at::native::cpublas::brgemm_release(false);
-#endif
+  cpu::gemm(kGemmBlocks, M, N, K, A, ld_a, B, ld_b, C, ld_c, add_C);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,7 +453,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         lse_row[r] = at_::lse_natural(mr[r], lr[r]);
       }
     }
-    gemm_release();
+    cpu::gemm_release();
   });
 }
 
@@ -651,7 +593,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         }
       }
     }
-    gemm_release();
+    cpu::gemm_release();
   });
 
   if (splits > 1) {  // dQ = Σ_split partial, in split order
@@ -676,23 +618,17 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks and entry points.
-
-void check_dtype(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              " (CPU): q must be float32, bfloat16 or float16, got ", q.scalar_type());
-}
+// Entry points.
 
 std::tuple<at::Tensor, at::Tensor> joint_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        double scale) {
   constexpr const char* op = "cogvx::joint_attention";
-  checks::attention::qkv(op, q, k, v);
-  check_dtype(op, q);
+  checks::attention::forward_args(op, q, k, v);
+  checks::kernel_dtype(op, "CPU", "q", q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  TORCH_CHECK(Lk > 0, op, ": k and v must hold at least one key (Lk = 0)");
   if (D == 0) {  // softmax over zero scores: uniform weights of nothing
     lse.fill_(std::log(static_cast<double>(Lk)));
     return {out, lse};
@@ -709,7 +645,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_attention_backward_cpu(
   (void)deterministic;
   constexpr const char* op = "cogvx::joint_attention_backward";
   checks::attention::backward_args(op, grad_out, q, k, v, out, lse_in, grad_lse_in);
-  check_dtype(op, q);
+  checks::kernel_dtype(op, "CPU", "q", q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   std::optional<at::Tensor> grad_lse;

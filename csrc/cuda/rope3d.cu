@@ -680,8 +680,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Strides of a (B, heads, L[, D]) tensor and its row steps (see Str4).
 inline Str4 strides_of(const at::Tensor& t) {
   const int64_t heads = t.size(1);
@@ -704,7 +702,6 @@ inline bool pair_vec_ok(const at::Tensor& t) {
 inline Work make_work(const char* op, const at::Tensor& x, const at::Tensor& tables_c, int64_t text_len,
                       int64_t grid_t, int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim) {
   // the arguments themselves were checked by checks::rope (csrc/common/checks.h): CUDA limits here
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   const int64_t B = x.size(0), heads = x.size(1), L = x.size(2), D = x.size(3);
   TORCH_CHECK(D > 0 && D <= kMaxD, op, ": head dim D must be in [2, ", kMaxD, "]; got ", D);
   TORCH_CHECK(B * heads * L < INT32_MAX && grid_t < INT32_MAX && grid_h < INT32_MAX && grid_w < INT32_MAX, op,
@@ -796,7 +793,7 @@ void rope3d_launch(const char* op, const at::Tensor& x, const at::Tensor& tables
 at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
                        int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
   checks::rope::args("cogvx::rope3d", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
-  TORCH_CHECK(x.is_cuda(), "rope3d_cuda: x must be a CUDA tensor");
+  checks::cuda_tensor("cogvx::rope3d", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   rope3d_launch("rope3d_cuda", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim, inverse, out, false);
@@ -806,7 +803,7 @@ at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t te
 void rope3d_inplace_cuda(const at::Tensor& x, const at::Tensor& tables, int64_t text_len, int64_t grid_t,
                          int64_t grid_h, int64_t grid_w, at::IntArrayRef axes_dim, bool inverse) {
   checks::rope::inplace_args("cogvx::rope3d_", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
-  TORCH_CHECK(x.is_cuda(), "rope3d__cuda: x must be a CUDA tensor");
+  checks::cuda_tensor("cogvx::rope3d_", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   rope3d_launch("rope3d__cuda", x, tables, text_len, grid_t, grid_h, grid_w, axes_dim, inverse, x, true);
 }
@@ -831,7 +828,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cuda(
     at::IntArrayRef axes_dim, double eps) {
   const char* op = "qk_norm_rope3d_cuda";
   checks::rope::norm_args("cogvx::qk_norm_rope3d", x, weight, bias, tables, text_len, grid_t, grid_h, grid_w, axes_dim);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  checks::cuda_tensor("cogvx::qk_norm_rope3d", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tables_c = tables.contiguous();
   Work w = make_work(op, x, tables_c, text_len, grid_t, grid_h, grid_w, axes_dim);
@@ -869,7 +866,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_backward_cuda(
   const char* op = "qk_norm_rope3d_backward_cuda";
   checks::rope::norm_backward_args("cogvx::qk_norm_rope3d_backward", grad_out, x, weight, mean, rstd, tables, text_len,
                                    grid_t, grid_h, grid_w, axes_dim, has_weight);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  checks::cuda_tensor("cogvx::qk_norm_rope3d_backward", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tables_c = tables.contiguous();
   Work w = make_work(op, x, tables_c, text_len, grid_t, grid_h, grid_w, axes_dim);
