@@ -25,7 +25,7 @@ except ImportError:
 print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 mkdir -p build
 # The extras must not replace this torch (torchvision, for one, follows it).
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > build/constraints.txt
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > build/constraints.txt  # no local label: '<=2.14.1' from another package excludes 2.14.1+cu130
 
 # CUDA toolkit root: the nvcc on PATH may be a wrapper script, so ask nvcc itself.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then

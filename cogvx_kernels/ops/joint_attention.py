@@ -130,7 +130,7 @@ def _triton_accepts(q, k, v):
 
 def _cuda_shared_memory(q, k, v, *, backward: bool) -> dict[str, int]:
     """Dynamic shared memory per block of the tensor-core kernels at q's head dim, as the extension
-    reports it (csrc/cuda/joint_attention.cu): the forward's, and the backward's (dK/dV and the
+    reports it (csrc/cuda/joint_attention.h): the forward's, and the backward's (dK/dV and the
     deterministic dQ kernel: deterministic mode may change before the backward runs) when it runs.
     The fp32 test path uses no dynamic shared memory."""
     if q.dtype not in (torch.bfloat16, torch.float16):
