@@ -45,9 +45,11 @@ CASES = [
     (1, 16, 17, 3, 7, 133, (3, 3, 3), None, True, "channels_last"),
     (1, 20, 16, 3, 8, 9, (1, 3, 3), None, False, "time_slice"),
     (1, 16, 16, 4, 6, 7, (2, 3, 3), (0, 2), True, "contiguous"),
-    # the CPU forward's oneDNN route (fp32): many channels on few pixels, and the RGB stem
+    # the CPU forward's oneDNN route (fp32): many channels on few pixels, the RGB stem, and narrow
+    # layers (≤ 32 channels; (2, 16, 16, ...) above without a halo, this one with)
     (1, 512, 256, 2, 4, 5, (3, 3, 3), None, True, "time_slice"),
     (1, 3, 64, 3, 6, 7, (3, 3, 3), None, False, "channels_last"),
+    (2, 32, 24, 3, 6, 7, (3, 3, 3), None, True, "channels_last"),
 ]
 # The Triton interpreter is slow: a subset still covering halo, T<kt-1, strides and odd sizes.
 INTERPRETED_CASES = [0, 1, 3, 4, 5, 9]
