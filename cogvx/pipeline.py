@@ -111,9 +111,10 @@ class Pipeline:
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, progress: bool = False,
                       max_sequence_length: int | None = None):
         """(prompt embeddings, negative prompt embeddings or None), each (B, max_sequence_length, dim):
-        the tokens padded or truncated to that length (default: the text encoder's, which is the
-        transformer's max_text_seq_length), as diffusers; truncation reported as a warning."""
-        max_sequence_length = max_sequence_length or self.text_encoder.max_length
+        the tokens padded or truncated to that length (default: the transformer's max_text_seq_length,
+        as __call__), as diffusers; truncation reported as a warning."""
+        if max_sequence_length is None:
+            max_sequence_length = self.transformer.config.max_text_seq_length
         for text, cut in zip(prompt, self.text_encoder.truncated(prompt, max_sequence_length)):
             if cut:
                 warnings.warn(f"prompt longer than {max_sequence_length} tokens (max_sequence_length); "
