@@ -8,7 +8,16 @@ One call is one whole step, with the GAN on and the loss weights of configs/vae-
      last layer, `decoder.conv_out.conv.weight` in both models); backward, clip to 1.0, AdamW step;
   2. the discriminator on (real, reconstruction) with the hinge loss; backward, clip, AdamW step
      (no gradient penalty: its weight is 0 in the shipped configs).
-Both contenders load the same random weights from one diffusers-format folder (written once by
+Three contenders, the baseline first:
+  - "diffusers": diffusers' `AutoencoderKLCogVideoX` in the step as LDM / SAT's LPIPSWithDiscriminator
+    take it (each loss's gradient at the last layer by `autograd.grad(..., retain_graph=True)`, then
+    the total loss's backward: LPIPS's and the discriminator's backward run twice) with torch's
+    default (for-each) AdamW, what a trainer built on diffusers' model gets;
+  - "diffusers+cogvx-step": the same model in the step `cogvx train-vae` takes (each head
+    back-propagated once to the reconstruction, the VAE's backward once from there; fused AdamW):
+    what our step alone gives;
+  - "cogvx": our VAE in our step.
+Both models load the same random weights from one diffusers-format folder (written once by
 cogvx's save_pretrained under $COGVX_BENCH_CACHE, default ~/.cache/cogvx-bench), and get the same
 discriminator, LPIPS trunk and noise. cogvx runs with chunking="whole" as the trainer does (the
 whole clip through every layer); diffusers with its own frame batching, which is how diffusers-based
@@ -30,8 +39,10 @@ import torch
 from torch import nn
 
 import cogvx
+from cogvx.train.loop import adamw
 from cogvx.train.losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
-                                kl_loss, reconstruction_loss)
+                                kl_loss, last_layer_gradient, output_gradient, reconstruction_loss,
+                                weight_from_gradients)
 
 from ._checkpoints import cached_folder, diffusers_contenders, save_module
 
@@ -56,8 +67,16 @@ _CPU = [dict(model="real", B=1, F=9, H=32, W=32), dict(model="tiny", B=2, F=9, H
 _TINY = [dict(model="tiny", B=1, F=9, H=32, W=32)]
 
 
+COGVX_STEP = "diffusers+cogvx-step"
+
+
 def contenders(device, dtype) -> list[str]:
-    return diffusers_contenders("VAE training", _diffusers_class)
+    names = diffusers_contenders("VAE training", _diffusers_class)
+    return ["diffusers", COGVX_STEP, "cogvx"] if "diffusers" in names else names
+
+
+def _model(backend: str) -> str:
+    return "diffusers" if backend.startswith("diffusers") else "cogvx"
 
 
 def shapes(device, quick: bool, tiny: bool = False) -> list[dict]:
@@ -117,7 +136,7 @@ def _load(backend: str, inputs: dict) -> dict:
     the first call (so that the memory child's first step includes loading)."""
     if backend not in inputs["models"]:
         device, s = inputs["device"], inputs["shape"]
-        if backend == "diffusers":
+        if _model(backend) == "diffusers":
             vae = _diffusers_class().from_pretrained(inputs["folder"], torch_dtype=torch.float32).to(device)
             vae.disable_tiling()
             vae.disable_slicing()
@@ -130,16 +149,20 @@ def _load(backend: str, inputs: dict) -> dict:
         torch.manual_seed(0)  # the same discriminator and LPIPS trunk for both contenders
         discriminator = Discriminator3D(3, *_discriminator_args(s)).to(device).train()
         lpips = LPIPS("random").to(device)
-        adamw = lambda params: torch.optim.AdamW(params, lr=OPTIM["lr"], betas=OPTIM["betas"],  # noqa: E731
-                                                 weight_decay=OPTIM["weight_decay"])
+        if backend == "diffusers":  # torch's default AdamW
+            optimiser = lambda params: torch.optim.AdamW(params, lr=OPTIM["lr"], betas=OPTIM["betas"],  # noqa: E731
+                                                         weight_decay=OPTIM["weight_decay"])
+        else:  # the trainer's (fused where torch has it)
+            optimiser = lambda params: adamw(params, OPTIM["lr"], OPTIM["betas"], OPTIM["weight_decay"])  # noqa: E731
         inputs["models"][backend] = dict(vae=vae, discriminator=discriminator, lpips=lpips,
-                                         optim=adamw(vae.parameters()), disc_optim=adamw(discriminator.parameters()),
+                                         optim=optimiser(vae.parameters()),
+                                         disc_optim=optimiser(discriminator.parameters()),
                                          last_layer=vae.decoder.conv_out.conv.weight)
     return inputs["models"][backend]
 
 
 def _autoencode(backend: str, vae, video: torch.Tensor, noise: torch.Tensor):
-    if backend == "diffusers":
+    if _model(backend) == "diffusers":
         posterior = vae.encode(video).latent_dist
         latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         return vae.decode(latents.to(video.dtype)).sample, posterior
@@ -165,16 +188,29 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
             kl = kl_loss(posterior)
             lp = lpips(video, rec.float())
             nll = rec_loss + LOSS["lpips"] * lp
-            gan = generator_loss(disc(rec), LOSS["gan_kind"])
-            weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
-            loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
-        loss.backward()
+            if backend == "diffusers":  # LDM's step
+                gan = generator_loss(disc(rec), LOSS["gan_kind"])
+                weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
+                loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
+            else:  # cogvx train-vae's step
+                grad_nll = output_gradient(nll, rec)
+                gan = generator_loss(disc(rec), LOSS["gan_kind"])
+                grad_gan = output_gradient(gan, rec)
+                weight = weight_from_gradients(last_layer_gradient(rec, grad_nll, last_layer),
+                                               last_layer_gradient(rec, grad_gan, last_layer), LOSS["adaptive_max"])
+                grad_rec = grad_nll.addcmul_(grad_gan, LOSS["gan"] * weight)
+                del grad_nll, grad_gan
+        if backend == "diffusers":
+            loss.backward()
+        else:
+            torch.autograd.backward((rec, LOSS["kl"] * kl), (grad_rec, None))
+            del grad_rec
         nn.utils.clip_grad_norm_(vae.parameters(), OPTIM["grad_clip"])
         m["optim"].step()
         m["optim"].zero_grad(set_to_none=True)
         disc.requires_grad_(True)
         fake = rec.detach()
-        del rec, posterior, loss, nll
+        del rec, posterior, nll
         # 2. the discriminator step
         with autocast:
             logits = disc(torch.cat([video, fake.to(video.dtype)]))

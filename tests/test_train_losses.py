@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cogvx.train.losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
-                                gradient_penalty, kl_loss, reconstruction_loss)
+                                gradient_penalty, kl_loss, last_layer_gradient, output_gradient, reconstruction_loss,
+                                weight_from_gradients)
 
 # ---------------------------------------------------------------- reconstruction and KL
 
@@ -122,6 +123,48 @@ def test_adaptive_weight_on_the_vae_decoder():
     assert torch.isfinite(weight) and weight > 0
     (rec + weight * gan).backward()
     assert vae.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+
+
+def test_heads_back_propagated_once_give_ldms_weight_and_gradients():
+    """The trainer's step (each head's gradient at the reconstruction once, the adaptive weight from
+    the last layer's gradients of those, one VAE backward from the reconstruction and the KL term)
+    equals LDM's (adaptive_weight, then (nll + w_kl·KL + w_gan·λ·gan).backward()) in the weight and
+    every VAE parameter's gradient, and runs LPIPS's and the discriminator's backward once each where
+    LDM's runs them twice."""
+    from cogvx.models.vae import CausalVAE
+    torch.manual_seed(0)
+    vae = CausalVAE(dict(block_out_channels=(16, 16, 32, 32), latent_channels=4, layers_per_block=1,
+                         norm_num_groups=4), chunking="whole")
+    disc, lpips = Discriminator3D(channels=8, layers=2).requires_grad_(False), LPIPS("random")
+    x, noise = torch.rand(1, 3, 9, 32, 32) * 2 - 1, torch.randn(1, 4, 3, 4, 4)
+    last = vae.decoder.conv_out.conv.weight
+    backwards = {"lpips": 0, "disc": 0}
+    for name, head in (("lpips", lpips.lpips.lin0), ("disc", disc.net[-1])):
+        head.register_full_backward_hook(lambda *args, name=name: backwards.__setitem__(name, backwards[name] + 1))
+
+    def terms():
+        posterior = vae.encode(x)
+        x_rec = vae.decode(posterior.mean + posterior.std * noise)
+        nll = reconstruction_loss(x, x_rec) + 0.1 * lpips(x, x_rec)
+        return x_rec, nll, generator_loss(disc(x_rec)), kl_loss(posterior)
+
+    x_rec, nll, gan, kl = terms()
+    ldm_weight = adaptive_weight(nll, gan, last, 1e4)
+    (nll + 1e-6 * kl + 0.1 * ldm_weight * gan).backward()
+    ldm = {n: p.grad.clone() for n, p in vae.named_parameters()}
+    assert backwards == {"lpips": 2, "disc": 2}
+    vae.zero_grad(set_to_none=True)
+    backwards.update(lpips=0, disc=0)
+
+    x_rec, nll, gan, kl = terms()
+    grad_nll, grad_gan = output_gradient(nll, x_rec), output_gradient(gan, x_rec)
+    weight = weight_from_gradients(last_layer_gradient(x_rec, grad_nll, last),
+                                   last_layer_gradient(x_rec, grad_gan, last), 1e4)
+    torch.autograd.backward((x_rec, 1e-6 * kl), (grad_nll + 0.1 * weight * grad_gan, None))
+    assert backwards == {"lpips": 1, "disc": 1}
+    torch.testing.assert_close(weight, ldm_weight, rtol=1e-5, atol=0)
+    for n, p in vae.named_parameters():  # the same sums in another order: fp32 rounding
+        torch.testing.assert_close(p.grad, ldm[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
 class Quadratic(nn.Module):

@@ -1,5 +1,5 @@
 """Pieces both training loops share (cogvx/train/vae.py and transformer.py): the device and the
-process group under torchrun, the output folder's resume rules, bf16 autocast, the LR schedule,
+process group under torchrun, the output folder's resume rules, bf16 autocast, AdamW, the LR schedule,
 EMA of the weights, per-sample random draws that do not depend on how a batch is split over ranks,
 and averages over ranks."""
 from __future__ import annotations
@@ -60,6 +60,19 @@ def autocast_context(device: torch.device, mixed_precision: str):
     if device.type == "cuda" and mixed_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# torch has fused AdamW kernels for these devices (the CPU's since torch 2.4)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW, fused where torch has the kernel for the parameters' device: one pass over each
+    parameter and its moments, without the for-each default's full-size temporaries (on this project's
+    CPU 0.08 s vs 0.65 s a step for CogVideoX's VAE: docs/benchmarks.md). Same update, rounding aside."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):

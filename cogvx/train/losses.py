@@ -9,6 +9,8 @@ at a time so each can be logged):
     g     = generator_loss(D(x_rec), kind)
     λ     = adaptive_weight(rec, g, vae.decoder.conv_out.conv.weight, max_weight)   # the decoder's last layer
     loss  = rec + w_kl · kl_loss(posterior) + w_gan · λ · g            (g only after the GAN start step)
+
+(the trainer takes the same gradient with each head back-propagated once: `output_gradient`.)
     d     = discriminator_loss(D(x), D(x_rec.detach()), kind) + w_gp · gradient_penalty(D, x)
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["reconstruction_loss", "kl_loss", "LPIPS", "Discriminator3D", "discriminator_loss",
-           "generator_loss", "adaptive_weight", "gradient_penalty", "velocity", "v_prediction_loss"]
+           "generator_loss", "adaptive_weight", "weight_from_gradients", "output_gradient", "last_layer_gradient",
+           "gradient_penalty", "velocity", "v_prediction_loss"]
 
 GAN_KINDS = ("hinge", "non_saturating")
 
@@ -211,13 +214,35 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
     """LDM's calculate_adaptive_weight: ‖∇_w rec‖ / (‖∇_w gan‖ + 1e-4) at the last layer's weight w
     (the decoder's `conv_out.conv.weight`), clamped to [0, max_weight], detached. The graph is kept
     (retain_graph) for the backward of the total loss; the GAN weight from the config multiplies it
-    outside (LDM's discriminator_weight)."""
-    if max_weight < 0:
-        raise ValueError(f"max_weight must be >= 0; got {max_weight}")
+    outside (LDM's discriminator_weight). LDM's way, which back-propagates each loss's head (LPIPS, the
+    discriminator) here and again in the total loss's backward; the trainer takes `output_gradient` and
+    `last_layer_gradient` instead, which give the same weight with one backward of each head."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = g_rec.float().norm() / (g_gan.float().norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+    return weight_from_gradients(g_rec, g_gan, max_weight)
+
+
+def weight_from_gradients(g_rec: torch.Tensor, g_gan: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """The adaptive weight from the last layer's two gradients: ‖g_rec‖ / (‖g_gan‖ + 1e-4), clamped to
+    [0, max_weight], detached (norms in fp32)."""
+    if max_weight < 0:
+        raise ValueError(f"max_weight must be >= 0; got {max_weight}")
+    weight = g_rec.detach().float().norm() / (g_gan.detach().float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight)
+
+
+def output_gradient(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """∂loss/∂output: the backward of the loss's head only (LPIPS, the discriminator: whatever lies
+    between the model's output and the loss), whose graph is freed here. The model's own backward
+    then starts from the sum of its heads' output gradients (`torch.autograd.backward(output, grad)`),
+    which runs each head's backward once where `adaptive_weight` + `loss.backward()` run it twice."""
+    return torch.autograd.grad(loss, output)[0]
+
+
+def last_layer_gradient(output: torch.Tensor, grad_output: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """∇_w of a loss whose gradient at `output` is grad_output, w = `last_layer` (the weight of the
+    layer that makes `output`): a backward through that layer only; the model's graph is kept."""
+    return torch.autograd.grad(output, last_layer, grad_output, retain_graph=True)[0]
 
 
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from ..loading import ConfigError
 from ..models.transformer import Transformer3D
 from . import checkpoint as ckpt
 from .log import CSVLog, peak_memory, progress
-from .loop import (ParameterEMA, autocast_context, distributed, lr_lambda, mean_over_ranks, resume_point,
+from .loop import (ParameterEMA, adamw, autocast_context, distributed, lr_lambda, mean_over_ranks, resume_point,
                    sample_generator, training_device)
 
 KEEP_CHECKPOINTS = 3
@@ -247,7 +247,7 @@ def train_transformer(config, out_dir: str | Path | None = None, resume: bool = 
 
         # ---- optimiser, LR schedule, EMA; what a checkpoint holds
         params = [p for p in transformer.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=c_optim.lr, betas=c_optim.betas, weight_decay=c_optim.weight_decay)
+        optim = adamw(params, c_optim.lr, c_optim.betas, c_optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(c_optim.warmup_steps, c_train.steps,
                                                                    c_optim.schedule))
         ema = ParameterEMA(transformer, c_train.ema_decay) if c_train.ema_decay is not None else None

@@ -9,8 +9,9 @@ discriminator, LPIPS, two AdamW optimisers with warm-up then constant or cosine 
 held-out validation clips. Each step:
 
 1. VAE: encode → sample → decode, loss = w_rec·rec + w_kl·KL + w_lpips·LPIPS
-   (+ from `gan_start_step`: w_gan · adaptive weight · generator loss), backward (accumulated over
-   `grad_accumulation` micro-batches), clip, AdamW step;
+   (+ from `gan_start_step`: w_gan · adaptive weight · generator loss), backward (each head, L2 +
+   LPIPS and the discriminator, back-propagated once to the reconstruction, then the VAE once from
+   there; accumulated over `grad_accumulation` micro-batches), clip, fused AdamW step;
 2. discriminator (from `gan_start_step`): hinge / non-saturating loss on real vs reconstructed
    clips (+ R1 gradient penalty), AdamW step;
 3. EMA of the VAE weights; a CSV row; checkpoints, validation (PSNR/SSIM + an input | reconstruction
@@ -48,7 +49,7 @@ from ..loading import ConfigError
 from ..models.vae import CausalVAE
 from . import checkpoint as ckpt
 from .log import CSVLog, peak_memory, progress
-from .loop import (EMA, autocast_context, distributed, lr_lambda, mean_over_ranks, resume_point,
+from .loop import (EMA, adamw, autocast_context, distributed, lr_lambda, mean_over_ranks, resume_point,
                    sample_noise, training_device)
 
 KEEP_CHECKPOINTS = 3
@@ -105,20 +106,21 @@ class Autoencode(nn.Module):
         return self.vae.decode(latents.to(video.dtype)), posterior
 
 
-def _adaptive_weight(nll, gan, last_layer: torch.Tensor, max_weight: float, world: int, context_parallel: bool):
-    """LDM's adaptive GAN weight (losses.adaptive_weight) over ranks: the last layer's gradients of
-    the whole batch (DDP: the mean of the ranks' gradients, each rank's loss a mean over its equal
-    share) or of the whole clip (context parallel: their sum, each rank's loss its share), so every
-    rank uses the weight one process would compute."""
-    from .losses import adaptive_weight
+def _adaptive_weight(rec: torch.Tensor, grad_nll: torch.Tensor, grad_gan: torch.Tensor, last_layer: torch.Tensor,
+                     max_weight: float, world: int, context_parallel: bool) -> torch.Tensor:
+    """LDM's adaptive GAN weight from the last layer's gradients of the two terms (their gradients at
+    the reconstruction taken once: losses.output_gradient) over ranks: those of the whole batch (DDP:
+    the mean of the ranks' gradients, each rank's loss a mean over its equal share) or of the whole
+    clip (context parallel: their sum, each rank's loss its share), so every rank uses the weight one
+    process would compute."""
+    from .losses import last_layer_gradient, weight_from_gradients
 
-    if world == 1:
-        return adaptive_weight(nll, gan, last_layer, max_weight)
-    grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0].float() for loss in (nll, gan)])
-    dist.all_reduce(grads)
-    if not context_parallel:
-        grads /= world
-    return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    grads = torch.stack([last_layer_gradient(rec, g, last_layer).float() for g in (grad_nll, grad_gan)])
+    if world > 1:
+        dist.all_reduce(grads)
+        if not context_parallel:
+            grads /= world
+    return weight_from_gradients(grads[0], grads[1], max_weight)
 
 
 def _frames_uint8(video: torch.Tensor) -> np.ndarray:
@@ -164,7 +166,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
     Returns {"step", "checkpoint", "last": the last logged row, "validation": the last scores}."""
     from .data import Batches, make_dataset, split_validation
     from .losses import (LPIPS, Discriminator3D, discriminator_loss, generator_loss, gradient_penalty, kl_loss,
-                         reconstruction_loss)
+                         output_gradient, reconstruction_loss)
 
     c_model, c_data, c_loss, c_disc, c_optim, c_train = (config.model, config.data, config.loss, config.discriminator,
                                                          config.optim, config.train)
@@ -217,10 +219,8 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
         cp_group = dist.group.WORLD if context_parallel else None
 
         # ---- optimisers and LR schedules
-        optim = torch.optim.AdamW(vae.parameters(), lr=c_optim.lr, betas=c_optim.betas,
-                                  weight_decay=c_optim.weight_decay)
-        disc_optim = torch.optim.AdamW(discriminator.parameters(), lr=c_optim.disc_lr, betas=c_optim.betas,
-                                       weight_decay=c_optim.weight_decay)
+        optim = adamw(vae.parameters(), c_optim.lr, c_optim.betas, c_optim.weight_decay)
+        disc_optim = adamw(discriminator.parameters(), c_optim.disc_lr, c_optim.betas, c_optim.weight_decay)
         schedule = lr_lambda(c_optim.warmup_steps, c_train.steps, c_optim.schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
         disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_optim, schedule)
@@ -299,16 +299,20 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                         kl = kl_loss(posterior)  # a sum over latent elements: each rank's part adds up under CP
                         lp = share * lpips(video, rec.float()) if lpips is not None else rec.new_zeros(())
                         nll = c_loss.reconstruction_weight * rec_loss + c_loss.lpips_weight * lp
-                        loss = nll + c_loss.kl_weight * kl
+                        # each head is back-propagated once, to the reconstruction, and its graph freed
+                        grad_rec = output_gradient(nll, rec)
                         gan = weight = rec.new_zeros(())
                         if gan_on:
                             # (context parallel: the discriminator judges this rank's frames only)
                             gan = share * generator_loss(discriminator(rec), c_loss.gan_loss)
-                            weight = (_adaptive_weight(nll, gan, last_layer, c_loss.adaptive_weight_max, world,
-                                                       context_parallel)
+                            grad_gan = output_gradient(gan, rec)
+                            weight = (_adaptive_weight(rec, grad_rec, grad_gan, last_layer, c_loss.adaptive_weight_max,
+                                                       world, context_parallel)
                                       if c_loss.adaptive_weight else torch.ones((), device=device))
-                            loss = loss + c_loss.gan_weight * weight * gan
-                    (loss / accumulation).backward()
+                            grad_rec.addcmul_(grad_gan, c_loss.gan_weight * weight)
+                            del grad_gan
+                    # the VAE's backward of nll + w_kl·KL + w_gan·λ·gan, from the reconstruction and the KL term
+                    torch.autograd.backward((rec, c_loss.kl_weight * kl / accumulation), (grad_rec / accumulation, None))
                 if cp_group is not None and last_micro:  # each rank holds its frames' share of the gradient
                     from ..parallel.vae import sum_gradients
                     sum_gradients(vae, cp_group)
@@ -316,7 +320,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                 reals.append(video)
                 fakes.append(rec.detach())
                 shares.append(share)
-                del rec, posterior, loss
+                del rec, posterior, grad_rec
             grad_norm = nn.utils.clip_grad_norm_(params, c_optim.grad_clip if c_optim.grad_clip > 0 else math.inf)
             optim.step()
             optim.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "common/causal_conv3d.h"
@@ -522,14 +523,54 @@ bool onednn_applies(const at::Tensor& x, int64_t kh, int64_t kw, int64_t Cin, in
          (Cin * Cout >= 256 * 512 || (Cin <= 4 && Cout >= 64));
 }
 
+// ATen runs a conv3d whose N·C·D·H is at most 20480 on its im2col path, not oneDNN (use_mkldnn in
+// ATen's ConvUtils: a 2D rule that leaves the last extent out), 9–11× oneDNN's time on one clip of a
+// 16–32-channel layer at 17×64×64. The same convolution over the spatial axes reordered, the smallest
+// extent last, is the same sum, and oneDNN takes it. `OneDnnAxes` picks that order and moves the
+// tensors (N, C, T, H, W) and the padding into it and back.
+constexpr int64_t kAtenNativeConvLimit = 20480;
+
+struct OneDnnAxes {
+  std::array<int64_t, 3> order{0, 1, 2};  // the positions of T, H, W in the order the conv runs them
+  bool onednn = true;                     // whether ATen takes oneDNN for the conv in that order
+
+  // the input as conv3d gets it: (N, C, T + kt − 1, H, W)
+  OneDnnAxes(int64_t batch, int64_t channels, const std::array<int64_t, 3>& extents) {
+    const auto takes_onednn = [&] {  // a batch of two or more always goes to oneDNN
+      return batch > 1 || channels * extents[order[0]] * extents[order[1]] > kAtenNativeConvLimit;
+    };
+    if (takes_onednn()) return;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return extents[a] > extents[b]; });
+    onednn = takes_onednn();
+  }
+  explicit OneDnnAxes(const at::Tensor& padded)
+      : OneDnnAxes(padded.size(0), padded.size(1), {padded.size(2), padded.size(3), padded.size(4)}) {}
+
+  bool reordered() const { return order != std::array<int64_t, 3>{0, 1, 2}; }
+  at::Tensor to_conv(const at::Tensor& t) const {
+    return reordered() ? t.permute({0, 1, 2 + order[0], 2 + order[1], 2 + order[2]}) : t;
+  }
+  at::Tensor from_conv(const at::Tensor& t) const {
+    if (!reordered()) return t;
+    std::array<int64_t, 5> back{0, 1, 0, 0, 0};
+    for (int64_t i = 0; i < 3; ++i) back[2 + order[i]] = 2 + i;
+    return t.permute(back);
+  }
+  std::vector<int64_t> padding(int64_t pad_h, int64_t pad_w) const {
+    const std::array<int64_t, 3> pads{0, pad_h, pad_w};
+    return {pads[order[0]], pads[order[1]], pads[order[2]]};
+  }
+};
+
 // Narrow layers (C_in, C_out ≤ 32: a tiny VAE's; CogVideoX's VAE has none but its RGB output) go
-// to oneDNN even where Winograd applies: there our Winograd/direct tiles run mostly empty, 2.4–3.6×
-// oneDNN's time at 16–32 channels from 16×24 to 64×96 (the RGB stem into 16 channels 1.4–3.1×) —
-// except one clip with C_in of 16, where oneDNN takes a slow path (ours 0.26–0.5× its time).
-// Measured on AVX-512, 2 threads, fp32.
-bool onednn_narrow(const at::Tensor& x, int64_t kh, int64_t kw, int64_t Cin, int64_t Cout) {
+// to ATen's conv3d even where Winograd applies: there our Winograd/direct tiles run mostly empty,
+// 2.4–3.6× oneDNN's time at 16–32 channels from 16×24 to 64×96, and ATen's im2col path is faster
+// than ours too on small frames (≤ 16×16; the RGB stem) — except one clip with C_in of 16 on frames
+// where even the reordered conv stays on the im2col path (32×32: ours 0.6× its time). Measured on
+// AVX-512, 2 threads, fp32.
+bool onednn_narrow(const at::Tensor& x, int64_t kt, int64_t kh, int64_t kw, int64_t Cin, int64_t Cout) {
   return x.scalar_type() == at::kFloat && kh == 3 && kw == 3 && Cin <= 32 && Cout <= 32 &&
-         (Cin <= 4 || Cin == 32 || x.size(0) >= 2);
+         (Cin <= 4 || Cin == 32 || OneDnnAxes(x.size(0), Cin, {x.size(2) + kt - 1, x.size(3), x.size(4)}).onednn);
 }
 
 at::Tensor onednn_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -537,7 +578,9 @@ at::Tensor onednn_forward(const at::Tensor& x, const at::Tensor& weight, const s
   const int64_t lead = weight.size(2) - 1;
   at::Tensor front = halo ? *halo : x.narrow(2, 0, 1).expand({x.size(0), x.size(1), lead, x.size(3), x.size(4)});
   at::Tensor padded = lead > 0 ? at::cat({front, x}, 2) : x;
-  return at::conv3d(padded, weight, bias, 1, {0, pad_h, pad_w});
+  const OneDnnAxes axes(padded);
+  at::Tensor y = at::conv3d(axes.to_conv(padded), axes.to_conv(weight), bias, 1, axes.padding(pad_h, pad_w));
+  return axes.reordered() ? axes.from_conv(y).contiguous(x.suggest_memory_format()) : y;
 }
 
 // The fp32 backward is oneDNN's convolution backward on the time-padded input: it matched or beat
@@ -552,9 +595,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> onednn_backward(
                               : x.narrow(2, 0, 1).expand({x.size(0), x.size(1), lead, x.size(3), x.size(4)});
   at::Tensor padded = lead > 0 ? at::cat({front, x}, 2) : x;
   const int64_t C_out = weight.size(0);
-  auto [gpad, gw, gb] = at::convolution_backward(
-      gy, padded, weight, has_bias ? std::optional<at::IntArrayRef>(at::IntArrayRef(&C_out, 1)) : std::nullopt,
-      {1, 1, 1}, {0, pad_h, pad_w}, {1, 1, 1}, false, {0, 0, 0}, 1, {true, true, has_bias});
+  const OneDnnAxes axes(padded);
+  auto [gpad_conv, gw_conv, gb] = at::convolution_backward(
+      axes.to_conv(gy), axes.to_conv(padded), axes.to_conv(weight),
+      has_bias ? std::optional<at::IntArrayRef>(at::IntArrayRef(&C_out, 1)) : std::nullopt, {1, 1, 1},
+      axes.padding(pad_h, pad_w), {1, 1, 1}, false, {0, 0, 0}, 1, {true, true, has_bias});
+  const at::Tensor gpad = axes.from_conv(gpad_conv), gw = axes.from_conv(gw_conv);
   at::Tensor gx = gpad.narrow(2, lead, T).contiguous();
   at::Tensor ghalo = !halo_in ? at::empty({0}, x.options())
                      : has_halo ? gpad.narrow(2, 0, lead).contiguous()
@@ -576,7 +622,7 @@ at::Tensor causal_conv3d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t Ho = cc::output_extent(x.size(3), kh, pad_h), Wo = cc::output_extent(x.size(4), kw, pad_w);
   const int64_t output_pixels = x.size(0) * x.size(2) * Ho * Wo;
   const bool winograd = winograd_applies(kh, kw, x.size(1), weight.size(0), output_pixels);
-  if (output_pixels > 0 && (onednn_narrow(x, kh, kw, x.size(1), weight.size(0)) ||
+  if (output_pixels > 0 && (onednn_narrow(x, kt, kh, kw, x.size(1), weight.size(0)) ||
                             (!winograd && onednn_applies(x, kh, kw, x.size(1), weight.size(0)))))
     return onednn_forward(x, weight, bias, halo, pad_h, pad_w);  // before allocating an output it would not use
   at::Tensor y = at::empty({x.size(0), weight.size(0), x.size(2), Ho, Wo}, x.options());
