@@ -14,8 +14,8 @@ Three contenders, the baseline first:
     the total loss's backward: LPIPS's and the discriminator's backward run twice) with torch's
     default (for-each) AdamW, what a trainer built on diffusers' model gets;
   - "diffusers+cogvx-step": the same model in the step `cogvx train-vae` takes (each head
-    back-propagated once to the reconstruction, the VAE's backward once from there; fused AdamW):
-    what our step alone gives;
+    back-propagated once to the reconstruction, LPIPS 8 frames at a time, the VAE's backward once
+    from there; fused AdamW): what our step alone gives;
   - "cogvx": our VAE in our step.
 Both models load the same random weights from one diffusers-format folder (written once by
 cogvx's save_pretrained under $COGVX_BENCH_CACHE, default ~/.cache/cogvx-bench), and get the same
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import cogvx
+from cogvx.train.config import LossConfig
 from cogvx.train.loop import adamw
 from cogvx.train.losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
                                 kl_loss, last_layer_gradient, output_gradient, reconstruction_loss,
@@ -55,7 +56,8 @@ REAL = dict(block_out_channels=[128, 256, 256, 512], latent_channels=16, layers_
 # configs/vae-tiny.toml's VAE (the embedded tiny pipeline's layout) and discriminator
 TINY = dict(block_out_channels=[16, 16, 32, 32], latent_channels=4, layers_per_block=1, norm_num_groups=4)
 # configs/vae-stage1.toml's loss weights and optimiser
-LOSS = dict(kl=1e-6, lpips=0.1, gan=0.1, gan_kind="hinge", adaptive_max=1e4)
+LOSS = dict(kl=1e-6, lpips=0.1, gan=0.1, gan_kind="hinge", adaptive_max=1e4,
+            lpips_chunk_frames=LossConfig.lpips_chunk_frames)
 OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0)
 
 _GPU = [dict(model="real", B=1, F=17, H=256, W=256), dict(model="real", B=1, F=17, H=256, W=256, checkpointing=True)]
@@ -186,14 +188,17 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
             rec, posterior = _autoencode(backend, vae, video, noise)
             rec_loss = reconstruction_loss(video, rec.float())
             kl = kl_loss(posterior)
-            lp = lpips(video, rec.float())
-            nll = rec_loss + LOSS["lpips"] * lp
             if backend == "diffusers":  # LDM's step
+                lp = lpips(video, rec.float())
+                nll = rec_loss + LOSS["lpips"] * lp
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
                 loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
-            else:  # cogvx train-vae's step
-                grad_nll = output_gradient(nll, rec)
+            else:  # cogvx train-vae's step (LPIPS in chunks of frames: its default)
+                grad_nll = output_gradient(rec_loss, rec)
+                lp, grad_lp = lpips.value_and_gradient(video, rec.float(), LOSS["lpips_chunk_frames"])
+                grad_nll += LOSS["lpips"] * grad_lp
+                del grad_lp
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 grad_gan = output_gradient(gan, rec)
                 weight = weight_from_gradients(last_layer_gradient(rec, grad_nll, last_layer),
@@ -210,7 +215,7 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
         m["optim"].zero_grad(set_to_none=True)
         disc.requires_grad_(True)
         fake = rec.detach()
-        del rec, posterior, nll
+        del rec, posterior
         # 2. the discriminator step
         with autocast:
             logits = disc(torch.cat([video, fake.to(video.dtype)]))

@@ -50,6 +50,10 @@ CASES = [
     (1, 512, 256, 2, 4, 5, (3, 3, 3), None, True, "time_slice"),
     (1, 3, 64, 3, 6, 7, (3, 3, 3), None, False, "channels_last"),
     (2, 32, 24, 3, 6, 7, (3, 3, 3), None, True, "channels_last"),
+    # one clip that ATen would run on its im2col path in the (T, H, W) order (C·(T + 2)·H ≤ 20480):
+    # the oneDNN route runs it over reordered axes (W, H, T here), forward and backward
+    (1, 16, 8, 2, 36, 44, (3, 3, 3), None, True, "channels_last"),
+    (1, 16, 16, 3, 40, 40, (3, 3, 3), None, False, "contiguous"),
 ]
 # The Triton interpreter is slow: a subset still covering halo, T<kt-1, strides and odd sizes.
 INTERPRETED_CASES = [0, 1, 3, 4, 5, 9]
@@ -191,6 +195,20 @@ def test_torch_compile_fullgraph():
     (ref_gx,) = torch.autograd.grad(ref_out, x)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(gx, ref_gx)
+
+
+def test_a_narrow_clip_runs_on_onednn_not_atens_im2col_path():
+    """ATen runs a batch-1 conv3d whose C·D·H is at most 20480 on its im2col path (9–11× oneDNN's
+    time at a 16-channel 17×64×64 layer; its rule leaves the last extent out). The CPU kernel's fp32
+    oneDNN route reorders the spatial axes so that oneDNN takes it, forward and backward: 16·5·40
+    in the (T, H, W) order, 16·40·40 in (H, W, T)."""
+    x = torch.randn(1, 16, 3, 40, 40, requires_grad=True)
+    w = (torch.randn(16, 16, 3, 3, 3) / 20).requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cogvx_kernels.causal_conv3d(x, w, backend="cpu").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::mkldnn_convolution" in names
+    assert not [n for n in names if "slow_conv3d" in n], sorted(names)
 
 
 # ---- backend choice -----------------------------------------------------------------------------

@@ -112,15 +112,43 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)  # always eval: the heads' dropout stays off inside a training model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x, y: (B, 3, F, H, W) in [-1, 1], H and W at least 16 (VGG's four poolings) -> scalar."""
+    @staticmethod
+    def _check(x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape != y.shape or x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"LPIPS takes two (B, 3, F, H, W) videos of one shape; got {tuple(x.shape)} "
                              f"and {tuple(y.shape)}")
         if min(x.shape[-2:]) < 16:
             raise ValueError(f"LPIPS needs frames of at least 16×16 pixels; got {x.shape[-2]}×{x.shape[-1]}")
-        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)
-        return self.lpips(frames(x), frames(y)).float().mean()  # fp32 mean under bf16 autocast
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y: (B, 3, F, H, W) in [-1, 1], H and W at least 16 (VGG's four poolings) -> scalar."""
+        self._check(x, y)
+        return self.lpips(_frames(x), _frames(y)).float().mean()  # fp32 mean under bf16 autocast
+
+    def value_and_gradient(self, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lpips(x, y), ∂lpips/∂y) taking `chunk` frames at a time (0: all at once): LPIPS is a mean
+        over frames, so only one chunk's VGG activations are held at a time (their graph is the
+        largest of a VAE training step's on long clips). The same value and gradient, summed in
+        another order. y's graph is not touched: the gradient is for the caller's backward."""
+        if chunk < 0:
+            raise ValueError(f"chunk must be >= 0 (0: all frames at once); got {chunk}")
+        self._check(x, y)
+        x_frames, y_frames = _frames(x.detach()), _frames(y.detach())
+        count = x_frames.shape[0]
+        chunk = chunk or count
+        value, grad = torch.zeros((), device=y.device), torch.empty_like(y_frames)
+        for start in range(0, count, chunk):
+            piece = y_frames[start:start + chunk].requires_grad_()
+            with torch.enable_grad():
+                loss = self.lpips(x_frames[start:start + chunk], piece).float().sum() / count
+                grad[start:start + chunk] = torch.autograd.grad(loss, piece)[0]
+            value += loss.detach()
+        return value, grad.unflatten(0, (y.shape[0], y.shape[2])).transpose(1, 2)
+
+
+def _frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B·F, C, H, W)."""
+    return video.transpose(1, 2).flatten(0, 1)
 
 
 class FrameGroupNorm(nn.GroupNorm):

@@ -297,10 +297,14 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                         video, rec, posterior, share = encode_decode(video, noise)
                         rec_loss = share * reconstruction_loss(video, rec.float(), c_loss.reconstruction)
                         kl = kl_loss(posterior)  # a sum over latent elements: each rank's part adds up under CP
-                        lp = share * lpips(video, rec.float()) if lpips is not None else rec.new_zeros(())
-                        nll = c_loss.reconstruction_weight * rec_loss + c_loss.lpips_weight * lp
                         # each head is back-propagated once, to the reconstruction, and its graph freed
-                        grad_rec = output_gradient(nll, rec)
+                        grad_rec = output_gradient(c_loss.reconstruction_weight * rec_loss, rec)
+                        lp = rec.new_zeros(())
+                        if lpips is not None:  # LPIPS a few frames at a time: its VGG graph is the largest
+                            lp, grad_lp = lpips.value_and_gradient(video, rec.float(), c_loss.lpips_chunk_frames)
+                            lp = share * lp
+                            grad_rec += (share * c_loss.lpips_weight) * grad_lp.to(grad_rec.dtype)
+                            del grad_lp
                         gan = weight = rec.new_zeros(())
                         if gan_on:
                             # (context parallel: the discriminator judges this rank's frames only)
@@ -311,7 +315,8 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                                       if c_loss.adaptive_weight else torch.ones((), device=device))
                             grad_rec.addcmul_(grad_gan, c_loss.gan_weight * weight)
                             del grad_gan
-                    # the VAE's backward of nll + w_kl·KL + w_gan·λ·gan, from the reconstruction and the KL term
+                    # the VAE's backward of w_rec·rec + w_lpips·LPIPS + w_kl·KL + w_gan·λ·gan, from the
+                    # reconstruction and the KL term
                     torch.autograd.backward((rec, c_loss.kl_weight * kl / accumulation), (grad_rec / accumulation, None))
                 if cp_group is not None and last_micro:  # each rank holds its frames' share of the gradient
                     from ..parallel.vae import sum_gradients

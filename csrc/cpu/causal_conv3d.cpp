@@ -542,6 +542,7 @@ struct OneDnnAxes {
     if (takes_onednn()) return;
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return extents[a] > extents[b]; });
     onednn = takes_onednn();
+    if (!onednn) order = {0, 1, 2};  // the im2col path either way: no copies for nothing
   }
   explicit OneDnnAxes(const at::Tensor& padded)
       : OneDnnAxes(padded.size(0), padded.size(1), {padded.size(2), padded.size(3), padded.size(4)}) {}
