@@ -14,7 +14,7 @@ Three contenders, the baseline first:
     the total loss's backward: LPIPS's and the discriminator's backward run twice) with torch's
     default (for-each) AdamW, what a trainer built on diffusers' model gets;
   - "diffusers+cogvx-step": the same model in the step `cogvx train-vae` takes (each head
-    back-propagated once to the reconstruction, LPIPS 8 frames at a time, the VAE's backward once
+    back-propagated once to the reconstruction, LPIPS on 65536 pixels' frames at a time, the VAE's backward once
     from there; fused AdamW): what our step alone gives;
   - "cogvx": our VAE in our step.
 Both models load the same random weights from one diffusers-format folder (written once by
@@ -57,7 +57,7 @@ REAL = dict(block_out_channels=[128, 256, 256, 512], latent_channels=16, layers_
 TINY = dict(block_out_channels=[16, 16, 32, 32], latent_channels=4, layers_per_block=1, norm_num_groups=4)
 # configs/vae-stage1.toml's loss weights and optimiser
 LOSS = dict(kl=1e-6, lpips=0.1, gan=0.1, gan_kind="hinge", adaptive_max=1e4,
-            lpips_chunk_frames=LossConfig.lpips_chunk_frames)
+            lpips_chunk_pixels=LossConfig.lpips_chunk_pixels)
 OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0)
 
 _GPU = [dict(model="real", B=1, F=17, H=256, W=256), dict(model="real", B=1, F=17, H=256, W=256, checkpointing=True)]
@@ -194,9 +194,9 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
                 loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
-            else:  # cogvx train-vae's step (LPIPS in chunks of frames: its default)
+            else:  # cogvx train-vae's step (LPIPS in chunks of frames, 65536 pixels: its default)
                 grad_nll = output_gradient(rec_loss, rec)
-                lp, grad_lp = lpips.value_and_gradient(video, rec.float(), LOSS["lpips_chunk_frames"])
+                lp, grad_lp = lpips.value_and_gradient(video, rec.float(), LOSS["lpips_chunk_pixels"])
                 grad_nll += LOSS["lpips"] * grad_lp
                 del grad_lp
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])

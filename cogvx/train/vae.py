@@ -301,7 +301,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                         grad_rec = output_gradient(c_loss.reconstruction_weight * rec_loss, rec)
                         lp = rec.new_zeros(())
                         if lpips is not None:  # LPIPS a few frames at a time: its VGG graph is the largest
-                            lp, grad_lp = lpips.value_and_gradient(video, rec.float(), c_loss.lpips_chunk_frames)
+                            lp, grad_lp = lpips.value_and_gradient(video, rec.float(), c_loss.lpips_chunk_pixels)
                             lp = share * lp
                             grad_rec += (share * c_loss.lpips_weight) * grad_lp.to(grad_rec.dtype)
                             del grad_lp
