@@ -14,7 +14,7 @@ Three contenders, the baseline first:
     the total loss's backward: LPIPS's and the discriminator's backward run twice) with torch's
     default (for-each) AdamW, what a trainer built on diffusers' model gets;
   - "diffusers+cogvx-step": the same model in the step `cogvx train-vae` takes (each head
-    back-propagated once to the reconstruction, LPIPS on 65536 pixels' frames at a time, the VAE's backward once
+    back-propagated once to the reconstruction, LPIPS on at most 16384 pixels of frames at a time, the VAE's backward once
     from there; fused AdamW): what our step alone gives;
   - "cogvx": our VAE in our step.
 Both models load the same random weights from one diffusers-format folder (written once by
@@ -194,7 +194,7 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
                 loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
-            else:  # cogvx train-vae's step (LPIPS in chunks of frames, 65536 pixels: its default)
+            else:  # cogvx train-vae's step (LPIPS in chunks of frames: its default)
                 grad_nll = output_gradient(rec_loss, rec)
                 lp, grad_lp = lpips.value_and_gradient(video, rec.float(), LOSS["lpips_chunk_pixels"])
                 grad_nll += LOSS["lpips"] * grad_lp

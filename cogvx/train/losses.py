@@ -126,8 +126,8 @@ class LPIPS(nn.Module):
         return self.lpips(_frames(x), _frames(y)).float().mean()  # fp32 mean under bf16 autocast
 
     def value_and_gradient(self, x: torch.Tensor, y: torch.Tensor, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lpips(x, y), ∂lpips/∂y) on chunks of frames of at most `max_pixels` pixels together (at
-        least one frame; 0: all frames at once): LPIPS is a mean over frames, so only one chunk's VGG
+        """(lpips(x, y), ∂lpips/∂y) on equal chunks of frames of at most `max_pixels` pixels together
+        (at least one frame; 0: all frames at once): LPIPS is a mean over frames, so only one chunk's VGG
         activations are held at a time (their graph is the largest of a VAE training step's on long
         or large clips). The same value and gradient, summed in another order. y's graph is not
         touched: the gradient is for the caller's backward."""
@@ -136,7 +136,8 @@ class LPIPS(nn.Module):
         self._check(x, y)
         x_frames, y_frames = _frames(x.detach()), _frames(y.detach())
         count = x_frames.shape[0]
-        chunk = max(1, max_pixels // (x.shape[-2] * x.shape[-1])) if max_pixels else count
+        chunks = -(-count * x.shape[-2] * x.shape[-1] // max_pixels) if max_pixels else 1
+        chunk = -(-count // min(chunks, count))  # equal chunks (the last one shorter)
         value, grad = torch.zeros((), device=y.device), torch.empty_like(y_frames)
         for start in range(0, count, chunk):
             piece = y_frames[start:start + chunk].requires_grad_()
