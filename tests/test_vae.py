@@ -56,9 +56,16 @@ def test_frame_slices_bound_the_elements_per_slice():
     assert FrameContext(1).slices(x) == [(0, 9)]  # autograd: the whole chunk at once
 
 
-def test_gradients_match_diffusers(pair):
+@pytest.mark.parametrize("recompute", [True, False], ids=["recomputed-norms", "kept-norms"])
+def test_gradients_match_diffusers(pair, recompute, monkeypatch):
     """Training path (autograd, whole-chunk layers): decode and encode gradients of every parameter
-    and of the input within 1e-4 of diffusers' (relative to each gradient's scale)."""
+    and of the input within 1e-4 of diffusers' (relative to each gradient's scale), with each
+    norm → SiLU recomputed in backward (as on activations of RECOMPUTE_MIN_BYTES and more) and kept."""
+    from cogvx.models import vae_execution
+    calls = []
+    recomputed = vae_execution._recomputed
+    monkeypatch.setattr(vae_execution, "RECOMPUTE_MIN_BYTES", 0 if recompute else 1 << 62)
+    monkeypatch.setattr(vae_execution, "_recomputed", lambda *args: calls.append(1) or recomputed(*args))
     ref, ours = pair
     g = torch.Generator().manual_seed(8)
     latents, video = torch.randn(1, 4, 3, 2, 3, generator=g), torch.randn(1, 3, 5, 16, 16, generator=g)
@@ -72,6 +79,7 @@ def test_gradients_match_diffusers(pair):
         (run(v) ** 2).sum().backward()
         model.video_grad = v.grad
     try:
+        assert bool(calls) == recompute
         assert_close(ours.latents_grad, ref.latents_grad, FP32, "d decode / d latents")
         assert_close(ours.video_grad, ref.video_grad, FP32, "d encode / d video")
         theirs = dict(ref.named_parameters())

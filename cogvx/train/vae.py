@@ -317,7 +317,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                             del grad_gan
                     # the VAE's backward of w_rec·rec + w_lpips·LPIPS + w_kl·KL + w_gan·λ·gan, from the
                     # reconstruction and the KL term
-                    torch.autograd.backward((rec, c_loss.kl_weight * kl / accumulation), (grad_rec / accumulation, None))
+                    torch.autograd.backward((rec, c_loss.kl_weight * kl / accumulation), (grad_rec.div_(accumulation), None))
                 if cp_group is not None and last_micro:  # each rank holds its frames' share of the gradient
                     from ..parallel.vae import sum_gradients
                     sum_gradients(vae, cp_group)
