@@ -187,6 +187,19 @@ struct ARegs {
     const int nvalid = ok ? static_cast<int>(clamp_count(climit - c0, EPT)) : 0;
     const T* q = ok ? p + c0 * cs : p;
     if constexpr (Tr::kTC) {
+      // channels-last source (cs == 1), all EPT channels in range and 16-byte aligned (C_in a
+      // multiple of 8): EPT / 8 vector loads instead of EPT 2-byte ones
+      if (cs == 1 && nvalid == EPT && (reinterpret_cast<uintptr_t>(q) & 15) == 0) {
+#pragma unroll
+        for (int i = 0; i < EPT / 8; ++i) {
+          const uint4 v = load_ro(reinterpret_cast<const uint4*>(q) + i);
+          pk[4 * i] = v.x;
+          pk[4 * i + 1] = v.y;
+          pk[4 * i + 2] = v.z;
+          pk[4 * i + 3] = v.w;
+        }
+        return;
+      }
 #pragma unroll
       for (int i = 0; i < EPT / 2; ++i) {
         const uint32_t lo = 2 * i < nvalid ? load_ro(reinterpret_cast<const uint16_t*>(q)) : 0u;

@@ -211,25 +211,39 @@ __global__ void __launch_bounds__(256) wgrad_reduce_kernel(const A* __restrict__
   }
 }
 
-// Split-K of the weight gradient: enough blocks for ~4 waves of `sms` multiprocessors, at least
-// `min_steps` K steps per split, workspace <= 256 MiB. Depends only on the shapes and the SM count,
-// so results are deterministic on a given GPU.
+// Split-K of the weight gradient: the fewest splits whose blocks fill the GPU's resident-block slots
+// (`slots`: SMs × blocks per SM, from the occupancy calculator) to at least 90 % over at most 4
+// waves, else the best-filling count; at least `min_steps` K steps per split, workspace <= 256 MiB.
+// Depends only on the shapes and the GPU (its SM count and the kernel's occupancy there), so
+// results are deterministic on a given GPU.
 struct WgradSplit {
   int64_t splits, steps_per_split, ksteps, n_cblocks;
 };
 template <typename T>
-WgradSplit wgrad_split(const Geom& g, int64_t sms, int64_t min_steps = 16) {
+WgradSplit wgrad_split(const Geom& g, int64_t slots, int64_t min_steps = 16) {
   using acc_t = typename Traits<T>::acc_t;
   WgradSplit s{};
   const int64_t P = g.B * g.T * g.Ho * g.Wo;
   const int64_t count = g.Cout * g.Cin * g.taps;
   s.n_cblocks = ceil_div(g.Cin, kBN);
   s.ksteps = ceil_div(P, Traits<T>::BK);
-  const int64_t tiles = g.taps * s.n_cblocks * ceil_div(g.Cout, kBM);
-  int64_t splits = ceil_div(4 * sms, std::max<int64_t>(tiles, 1));
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, s.ksteps / std::max<int64_t>(min_steps, 1)));
+  const int64_t tiles = std::max<int64_t>(g.taps * s.n_cblocks * ceil_div(g.Cout, kBM), 1);
+  slots = std::max<int64_t>(slots, 1);
   const int64_t ws_cap = (int64_t{256} << 20) / std::max<int64_t>(count * int64_t(sizeof(acc_t)), 1);
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, ws_cap, 65535}));
+  const int64_t max_splits = std::max<int64_t>(
+      1, std::min<int64_t>({s.ksteps / std::max<int64_t>(min_steps, 1), ws_cap, 65535, 4 * slots / tiles}));
+  const auto fill = [&](int64_t splits) {  // busy fraction of the slots over the waves `splits` takes
+    const int64_t blocks = tiles * splits;
+    return static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
+  };
+  int64_t splits = 1;
+  for (int64_t k = 1; k <= max_splits; ++k) {
+    if (fill(k) > fill(splits)) splits = k;
+    if (tiles * k >= slots && fill(k) >= 0.9) {
+      splits = k;
+      break;
+    }
+  }
   s.steps_per_split = s.ksteps > 0 ? ceil_div(s.ksteps, splits) : 0;
   s.splits = s.ksteps > 0 ? ceil_div(s.ksteps, s.steps_per_split) : 1;  // no empty split
   return s;
@@ -263,7 +277,10 @@ void launch_wgrad(const Geom& g, const at::Tensor& grad_out, const at::Tensor& x
     using acc_t = typename Traits<scalar_t>::acc_t;
     const int64_t count = grad_w.numel();
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const WgradSplit s = wgrad_split<scalar_t>(g, sms);
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, causal_conv3d_wgrad_kernel<scalar_t>,
+                                                                 kThreads, 0));
+    const WgradSplit s = wgrad_split<scalar_t>(g, sms * std::max(per_sm, 1));
     const int64_t xblocks = g.taps * s.n_cblocks, yblocks = ceil_div(g.Cout, kBM);
     TORCH_CHECK(xblocks <= INT32_MAX && yblocks <= 65535 && s.splits <= 65535,
                 "causal_conv3d_backward: problem too large");
