@@ -198,7 +198,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_a_narrow_clip_runs_on_onednn_not_atens_im2col_path():
-    """ATen runs a batch-1 conv3d whose C·D·H is at most 20480 on its im2col path (9–11× oneDNN's
+    """ATen runs a batch-1 conv3d whose C·D·H is at most 20480 on its im2col path (6–11× oneDNN's
     time at a 16-channel 17×64×64 layer; its rule leaves the last extent out). The CPU kernel's fp32
     oneDNN route reorders the spatial axes so that oneDNN takes it, forward and backward: 16·5·40
     in the (T, H, W) order, 16·40·40 in (H, W, T)."""

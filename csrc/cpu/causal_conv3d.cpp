@@ -524,7 +524,7 @@ bool onednn_applies(const at::Tensor& x, int64_t kh, int64_t kw, int64_t Cin, in
 }
 
 // ATen runs a conv3d whose N·C·D·H is at most 20480 on its im2col path, not oneDNN (use_mkldnn in
-// ATen's ConvUtils: a 2D rule that leaves the last extent out), 9–11× oneDNN's time on one clip of a
+// ATen's ConvUtils: a 2D rule that leaves the last extent out), 6–11× oneDNN's time on one clip of a
 // 16–32-channel layer at 17×64×64. The same convolution over the spatial axes reordered, the smallest
 // extent last, is the same sum, and oneDNN takes it. `OneDnnAxes` picks that order and moves the
 // tensors (N, C, T, H, W) and the padding into it and back.
