@@ -28,7 +28,8 @@ def config_dict(**sections) -> dict:
         "data": {"source": "synthetic:shapes", "frames": 9, "height": 16, "width": 24, "batch_size": 2,
                  "validation_clips": 2, "length": 32, "seed": 0},
         "loss": {"kl_weight": 1e-6, "lpips_weight": 0.1, "lpips_backbone": "random", "gan_weight": 0.1,
-                 "gan_start_step": 2, "gradient_penalty_weight": 0.0},
+                 "gan_start_step": 2, "gradient_penalty_weight": 0.0,
+                 "lpips_chunk_pixels": 5 * 16 * 24},  # LPIPS on 5 frames at a time: 4 chunks of a batch's 18
         "discriminator": {"channels": 8, "layers": 2},
         "optim": {"lr": 2e-3, "disc_lr": 1e-3, "warmup_steps": 1, "schedule": "cosine"},
         "train": {"steps": 4, "checkpoint_every": 2, "validate_every": 0, "log_every": 1, "seed": 0,
