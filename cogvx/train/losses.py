@@ -9,9 +9,10 @@ at a time so each can be logged):
     g     = generator_loss(D(x_rec), kind)
     λ     = adaptive_weight(rec, g, vae.decoder.conv_out.conv.weight, max_weight)   # the decoder's last layer
     loss  = rec + w_kl · kl_loss(posterior) + w_gan · λ · g            (g only after the GAN start step)
-
-(the trainer takes the same gradient with each head back-propagated once: `output_gradient`.)
     d     = discriminator_loss(D(x), D(x_rec.detach()), kind) + w_gp · gradient_penalty(D, x)
+
+The trainer takes loss's gradient with each head (LPIPS, the discriminator) back-propagated once:
+`output_gradient`, `last_layer_gradient`, `weight_from_gradients`, `LPIPS.value_and_gradient`.
 """
 from __future__ import annotations
 
