@@ -149,9 +149,9 @@ RECOMPUTE_MIN_BYTES = 4 << 20
 
 def _recomputed(activated, start: int, end: int) -> torch.Tensor:
     """activated(start, end) under autograd keeping none of its intermediates (the norm's output, the
-    modulation's resized scale and shift, the activation's input): backward recomputes them from the
-    norm's input, which the previous layer's backward keeps anyway. Elementwise work traded for
-    two to four activations per norm. Not under context parallelism, whose norms communicate."""
+    modulated output, the activation's input): backward recomputes them from the norm's input, which
+    the previous layer's backward keeps anyway. Elementwise work traded for two to three activations
+    per norm. Not under context parallelism, whose norms communicate."""
     return torch.utils.checkpoint.checkpoint(activated, start, end, use_reentrant=False)
 
 
