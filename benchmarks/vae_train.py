@@ -3,7 +3,8 @@ the same run: the step `cogvx train-vae` takes (cogvx/train/vae.py), built once 
 
 One call is one whole step, with the GAN on and the loss weights of configs/vae-stage1.toml:
   1. encode -> posterior sample (mean + std * a fixed noise) -> decode; L2 reconstruction + 0.1 LPIPS
-     (random VGG16 trunk: the same cost as the real one) + 1e-6 KL + 0.1 * adaptive weight * hinge
+     (random VGG16 trunk: the same cost as the real one; built as the trainer builds it, on the meta
+     device and then given its weights) + 1e-6 KL + 0.1 * adaptive weight * hinge
      generator loss of a 3D PatchGAN (the adaptive weight from the two gradients at the decoder's
      last layer, `decoder.conv_out.conv.weight` in both models); backward, clip to 1.0, AdamW step;
   2. the discriminator on (real, reconstruction) with the hinge loss; backward, clip, AdamW step
@@ -14,8 +15,8 @@ Three contenders, the baseline first:
     the total loss's backward: LPIPS's and the discriminator's backward run twice) with torch's
     default (for-each) AdamW, what a trainer built on diffusers' model gets;
   - "diffusers+cogvx-step": the same model in the step `cogvx train-vae` takes (each head
-    back-propagated once to the reconstruction, LPIPS on at most 16384 pixels of frames at a time, the VAE's backward once
-    from there; fused AdamW): what our step alone gives;
+    back-propagated once to the reconstruction, LPIPS on frames of at most 65536 pixels at a time,
+    the VAE's backward once from there; fused AdamW): what our step alone gives;
   - "cogvx": our VAE in our step.
 Both models load the same random weights from one diffusers-format folder (written once by
 cogvx's save_pretrained under $COGVX_BENCH_CACHE, default ~/.cache/cogvx-bench), and get the same

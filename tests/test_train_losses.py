@@ -3,6 +3,7 @@ loading a torchvision-format vgg16 file equals lpips with the same trunk; the di
 with a bounded temporal receptive field; the adaptive weight on the VAE's last layer."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -299,6 +300,49 @@ def test_lpips_loads_a_torchvision_vgg16(vgg_file):
         assert got > 0
         torch.testing.assert_close(got, per_frame(ref).mean())
         assert (per_frame(random_trunk).mean() - got).abs() > 1e-4  # the file's trunk was used
+    legacy = path.with_name("vgg16-legacy.pth")  # torchvision's own file predates the zip format: no mmap
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert LPIPS(legacy)(x, y) == got
+
+
+def test_lpips_is_built_without_vggs_classifier():
+    """lpips builds torchvision's whole vgg16 and keeps its features; ours is built on the meta
+    device and given its weights, so no tensor larger than vgg16's largest feature conv (512·512·3·3)
+    is ever made on the CPU (the classifier's first layer is 4096×25088). "random" draws the trunk as
+    torchvision initialises it (Kaiming normal, fan-out; zero biases) from the global RNG; the linear
+    heads are lpips' own."""
+    import lpips
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(3)
+    with LargestTensor() as largest:
+        lp = LPIPS("random")
+    assert largest.numel == 512 * 512 * 3 * 3
+    assert not any(t.is_meta for t in [*lp.parameters(), *lp.buffers()])
+    state = lp.lpips.state_dict()
+    torch.manual_seed(3)
+    first = torch.nn.init.kaiming_normal_(torch.empty(64, 3, 3, 3), mode="fan_out", nonlinearity="relu")
+    torch.testing.assert_close(state["net.slice1.0.weight"], first, rtol=0, atol=0)
+    assert not state["net.slice5.28.bias"].any()
+    w = state["net.slice4.21.weight"]  # 512 -> 512: std sqrt(2 / fan_out) = sqrt(2 / (512·9))
+    assert abs(w.std().item() / (2 / (512 * 9)) ** 0.5 - 1) < 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    for k, v in ref.state_dict().items():
+        if not k.startswith("net."):  # the heads and the input scaling
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

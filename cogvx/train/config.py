@@ -251,7 +251,8 @@ class LossConfig(Section):
     kl_weight: NonNegativeFloat = 1e-6
     lpips_weight: NonNegativeFloat = 0.1
     lpips_backbone: Path | Annotated[str, one_of("random")] | None = None  # "random": tests only
-    lpips_chunk_pixels: NonNegativeInt = 16384  # LPIPS on frames of at most this many pixels at a time (0: all)
+    # LPIPS on frames of at most this many pixels at a time (0: all); default: one 256² frame's VGG activations
+    lpips_chunk_pixels: NonNegativeInt = 65536
     gan_weight: NonNegativeFloat = 0.1
     gan_loss: Annotated[str, one_of("hinge", "non_saturating")] = "hinge"
     gan_start_step: NonNegativeInt = 10000

@@ -63,7 +63,10 @@ def vgg_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS backbone file {path} does not exist: it must be {VGG_FILE_HELP}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # a zip-format file, memory-mapped: only the features' tensors are read (the copies below)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy-format file (torchvision's own, from 2017) is read whole
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"LPIPS backbone file {path} cannot be read by torch.load(weights_only=True) "
                          f"({type(e).__name__}, chained above): it must be {VGG_FILE_HELP}") from e
@@ -75,8 +78,32 @@ def vgg_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
         for n in layers:
             for p in ("weight", "bias"):
                 if f"features.{n}.{p}" in state:
-                    renamed[f"net.slice{k}.{n}.{p}"] = state[f"features.{n}.{p}"]
+                    renamed[f"net.slice{k}.{n}.{p}"] = state[f"features.{n}.{p}"].clone()
     return renamed
+
+
+def _linear_heads() -> dict[str, torch.Tensor]:
+    """lpips' v0.1 linear heads for VGG (lin0..lin4), from the file inside its wheel, where
+    lpips.LPIPS(pretrained=True) reads them."""
+    import lpips
+    return torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth", map_location="cpu",
+                      weights_only=True)
+
+
+def _random_trunk() -> dict[str, torch.Tensor]:
+    """vgg16's features as torchvision initialises them (Kaiming normal, fan-out, zero biases), drawn
+    from the global torch RNG, named as `vgg_backbone_state` names a file's."""
+    from torchvision.models.vgg import cfgs
+    state, in_channels, n = {}, 3, 0
+    for v in cfgs["D"]:  # vgg16: a 3×3 conv + ReLU per channel count, "M" a max-pool
+        if v != "M":
+            weight = nn.init.kaiming_normal_(torch.empty(v, in_channels, 3, 3), mode="fan_out", nonlinearity="relu")
+            slice_ = next(k for k, layers in VGG_SLICES.items() if n in layers)
+            state |= {f"net.slice{slice_}.{n}.weight": weight, f"net.slice{slice_}.{n}.bias": torch.zeros(v)}
+            in_channels, n = v, n + 2
+        else:
+            n += 1
+    return state
 
 
 class LPIPS(nn.Module):
@@ -86,26 +113,30 @@ class LPIPS(nn.Module):
 
     `backbone` is a file with torchvision's vgg16 state dict (lpips would download it; these machines
     cannot) or "random" (the trunk as torchvision initialises it, drawn from the global torch RNG:
-    for tests only). `.backbone_name` records which, for the log."""
+    for tests and benchmarks only). `.backbone_name` records which, for the log."""
 
     def __init__(self, backbone: str | Path):
         super().__init__()
         import lpips
-        state = None if str(backbone) == "random" else vgg_backbone_state(backbone)  # a bad file fails first
-        with warnings.catch_warnings():  # lpips calls torchvision's deprecated vgg16(pretrained=False)
-            warnings.simplefilter("ignore", UserWarning)
-            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-        if state is not None:
-            expected = {k for k in self.lpips.state_dict() if k.startswith("net.")}
-            if missing := sorted(expected - state.keys()):
-                first = "features." + missing[0].split(".", 2)[2]  # net.slice1.0.weight -> features.0.weight
-                raise ValueError(f"LPIPS backbone file {backbone} lacks {len(missing)} of vgg16's feature "
-                                 f"weights (e.g. {first}): it must be {VGG_FILE_HELP}")
-            try:
-                self.lpips.load_state_dict(state, strict=False)
-            except RuntimeError as e:
-                raise ValueError(f"LPIPS backbone file {backbone} does not fit vgg16 ({e}): "
-                                 f"it must be {VGG_FILE_HELP}") from e
+        trunk = _random_trunk() if str(backbone) == "random" else vgg_backbone_state(backbone)  # a bad file fails first
+        # Built on the meta device, then given its weights: lpips builds torchvision's whole vgg16 and keeps
+        # its features, so on a real device its 124 M-parameter classifier would be initialised and dropped.
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore", UserWarning)  # lpips calls torchvision's deprecated vgg16(pretrained=False)
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+        self.lpips.scaling_layer = lpips.ScalingLayer()  # its constant buffers, made on the CPU
+        expected = {k for k in self.lpips.state_dict() if k.startswith("net.")}
+        if missing := sorted(expected - trunk.keys()):
+            first = "features." + missing[0].split(".", 2)[2]  # net.slice1.0.weight -> features.0.weight
+            raise ValueError(f"LPIPS backbone file {backbone} lacks {len(missing)} of vgg16's feature "
+                             f"weights (e.g. {first}): it must be {VGG_FILE_HELP}")
+        try:
+            self.lpips.load_state_dict({**_linear_heads(), **trunk}, strict=False, assign=True)
+        except RuntimeError as e:
+            raise ValueError(f"LPIPS backbone file {backbone} does not fit vgg16 ({e}): "
+                             f"it must be {VGG_FILE_HELP}") from e
+        if unset := [k for k, t in self.lpips.state_dict().items() if t.is_meta]:
+            raise RuntimeError(f"this lpips version has tensors LPIPS does not load ({', '.join(unset)})")
         self.backbone_name = str(backbone)
         self.requires_grad_(False)
         self.eval()
