@@ -236,7 +236,8 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
     """The implementation that runs `op` on `device`: the requested one (argument, else the
     COGVX_BACKEND environment variable), or the best available one. `inputs` (the op's tensors)
     go to the implementations' `accepts` and `shared_memory` checks; when one of them requires grad
-    (and grad mode is on), the backward's needs count too."""
+    (and grad mode is on), the backward's needs count too. On the meta device (shapes only, nothing
+    runs) the reference, without a warning."""
     device = torch.device(device)
     backward = _needs_backward(inputs)
     requested = resolve_backend(backend)
@@ -255,6 +256,8 @@ def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
             raise ValueError(f"backend {requested!r} is not available for {op} on {device.type}: {reason}. "
                              f"Available: {', '.join(available(op, device))}")
         return impl
+    if device.type == "meta":
+        return impls["reference"]  # shapes only: nothing runs, so no kernel is missed
     skipped = []
     for impl in implementations(op):
         if impl.backend == "reference" or (impl.backend == "triton" and device.type == "cpu"):

@@ -196,3 +196,38 @@ def test_rope_vs_sincos_ablation_writes_its_curves_and_verdict(tmp_path):
     assert summary["rope_minus_sincos"] == pytest.approx(
         summary["held_out_loss"]["3D-RoPE"]["mean"] - summary["held_out_loss"]["3D sin-cos"]["mean"])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("contender", ["cogvx", "diffusers"])
+def test_saved_activations_counted_on_meta_equal_a_real_run(contender, monkeypatch):
+    """benchmarks/vae_train_activations.py counts what autograd saves on the meta device; the same
+    step run on CPU tensors saves the same bytes (cogvx on its reference conv, which is what runs on
+    meta; diffusers as it is)."""
+    if contender == "diffusers":
+        pytest.importorskip("diffusers")
+    from benchmarks import vae_train, vae_train_activations as acts
+
+    monkeypatch.setenv("COGVX_BACKEND", "reference")
+    shape = dict(model="tiny", B=1, F=5, H=16, W=16)
+    video, noise = torch.rand(1, 3, 5, 16, 16) * 2 - 1, torch.randn(1, 4, 2, 2, 2)
+    if contender == "cogvx":
+        import cogvx
+        vae = cogvx.CausalVAE(vae_train.config(shape), chunking="whole")
+    else:
+        vae = vae_train._diffusers_class()(**vae_train.config(shape))
+    vae.train()
+    on_cpu = acts.saved_bytes(vae, lambda: vae_train._autoencode(contender, vae, video, noise))
+    assert on_cpu > 0
+    assert acts.count(contender, "tiny", 5, 16, torch.float32) == on_cpu
+
+
+def test_saved_activations_script_reports_both_and_refuses_bad_sizes():
+    pytest.importorskip("diffusers")
+    script = os.path.join(ROOT, "benchmarks", "vae_train_activations.py")
+    r = subprocess.run([sys.executable, script, "--model", "tiny", "--frames", "5", "--size", "16"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "diffusers" in r.stdout and "cogvx" in r.stdout and "(1.00×)" in r.stdout
+    assert "Warning" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, script, "--frames", "6"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "--frames must be 1 + 4k; got 6" in r.stderr

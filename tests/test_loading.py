@@ -271,3 +271,18 @@ def test_stored_elements_from_headers_of_single_and_sharded_folders(model_dir, s
     index.rename(sharded_dir / "model.safetensors.index.json")
     assert loading.stored_elements(sharded_dir) == count
     assert loading.stored_elements(model_dir, ("transformer_blocks.",)) < count
+
+
+def test_vae_builds_and_runs_on_the_meta_device():
+    """Shapes only, nothing runs (how benchmarks/vae_train_activations.py counts a step's saved
+    activations at any size): no kernel-fallback warning, no check that reads values."""
+    import warnings
+    with torch.device("meta"):
+        vae = CausalVAE(tiny.VAE, chunking="whole")
+        video = torch.empty(1, 3, 9, 16, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        posterior = vae.encode(video)
+        out = vae.decode(posterior.mean)
+    assert posterior.mean.shape == (1, 4, 3, 2, 3) and posterior.mean.is_meta
+    assert out.shape == (1, 3, 9, 16, 24) and out.is_meta

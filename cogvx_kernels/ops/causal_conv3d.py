@@ -28,7 +28,8 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns (B, C_out, T, H + 2ph - kh + 1, W + 2pw - kw + 1); output frame t depends only on input
     frames <= t (and the halo). Under torch.autocast the floating inputs are cast to its dtype first.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):  # as torch's convs
+    if (isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type)  # not on meta
+            and torch.is_autocast_enabled(x.device.type)):  # as torch's convs
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, halo = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, weight, bias, halo))
     pad_h, pad_w = check_args(x, weight, bias, halo, padding)
