@@ -315,6 +315,15 @@ def test_unwritable_output_is_one_line(tmp_path):
         write_video(np.zeros((1, 16, 16, 3), np.uint8), Path("/sys/frames"), fps=8)
 
 
+def _appeared(folder, pattern: str) -> bool:
+    """Whether a path matching `pattern` exists in `folder`; a temporary folder that the run renames
+    or removes while the glob reads it counts as not (yet) there."""
+    try:
+        return any(folder.glob(pattern))
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize("moment", ["made", "filled"])
 def test_sigterm_while_writing_leaves_nothing(tmp_path, moment):
     """SIGTERM (timeout, container stops) sent as soon as a temporary appears ("made": the --out
@@ -329,7 +338,7 @@ def test_sigterm_while_writing_leaves_nothing(tmp_path, moment):
                               "--out", str(tmp_path / "frames")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, env=env)
         deadline = time.monotonic() + 300
-        while p.poll() is None and not any(tmp_path.glob(pattern)) and time.monotonic() < deadline:
+        while p.poll() is None and not _appeared(tmp_path, pattern) and time.monotonic() < deadline:
             time.sleep(0.001)
         p.send_signal(signal.SIGTERM)
         _, stderr = p.communicate(timeout=120)
