@@ -43,8 +43,8 @@ import cogvx
 from cogvx.train.config import LossConfig
 from cogvx.train.loop import adamw
 from cogvx.train.losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
-                                kl_loss, last_layer_gradient, output_gradient, reconstruction_loss,
-                                weight_from_gradients)
+                                kl_loss, last_layer_gradient, output_gradient, reconstruction_gradient,
+                                reconstruction_loss, weight_from_gradients)
 
 from ._checkpoints import cached_folder, diffusers_contenders, save_module
 
@@ -187,19 +187,17 @@ def train_step(backend: str, inputs: dict) -> torch.Tensor:
         disc.requires_grad_(False)  # the generator loss's gradient stops at the clip
         with autocast:
             rec, posterior = _autoencode(backend, vae, video, noise)
-            rec_loss = reconstruction_loss(video, rec.float())
             kl = kl_loss(posterior)
             if backend == "diffusers":  # LDM's step
+                rec_loss = reconstruction_loss(video, rec.float())
                 lp = lpips(video, rec.float())
                 nll = rec_loss + LOSS["lpips"] * lp
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 weight = adaptive_weight(nll, gan, last_layer, LOSS["adaptive_max"])
                 loss = nll + LOSS["kl"] * kl + LOSS["gan"] * weight * gan
             else:  # cogvx train-vae's step (LPIPS in chunks of frames: its default)
-                grad_nll = output_gradient(rec_loss, rec)
-                lp, grad_lp = lpips.value_and_gradient(video, rec.float(), LOSS["lpips_chunk_pixels"])
-                grad_nll += LOSS["lpips"] * grad_lp
-                del grad_lp
+                rec_loss, lp, grad_nll = reconstruction_gradient(video, rec, lpips, lpips_weight=LOSS["lpips"],
+                                                                 lpips_chunk_pixels=LOSS["lpips_chunk_pixels"])
                 gan = generator_loss(disc(rec), LOSS["gan_kind"])
                 grad_gan = output_gradient(gan, rec)
                 weight = weight_from_gradients(last_layer_gradient(rec, grad_nll, last_layer),

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cogvx.train.losses import (LPIPS, Discriminator3D, adaptive_weight, discriminator_loss, generator_loss,
-                                gradient_penalty, kl_loss, last_layer_gradient, output_gradient, reconstruction_loss,
-                                weight_from_gradients)
+                                gradient_penalty, kl_loss, last_layer_gradient, output_gradient, reconstruction_gradient,
+                                reconstruction_loss, weight_from_gradients)
 
 # ---------------------------------------------------------------- reconstruction and KL
 
@@ -396,3 +396,22 @@ def test_lpips_backbone_file_errors(tmp_path, random_lpips):
         random_lpips(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="at least 16×16 pixels; got 8×16"):
         random_lpips(torch.zeros(1, 3, 1, 8, 16), torch.zeros(1, 3, 1, 8, 16))
+
+
+@pytest.mark.parametrize("with_lpips", [True, False])
+def test_reconstruction_gradient_is_the_heads_autograd_gradient(random_lpips, with_lpips):
+    """The trainer's reconstruction head (share · L2, share · LPIPS in chunks, and the gradient of
+    their weighted sum at x_rec, back-propagated once) against autograd of the same sum."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(2, 3, 3, 16, 24, generator=g) * 2 - 1, torch.rand(2, 3, 3, 16, 24, generator=g) * 2 - 1
+    y.requires_grad_(True)
+    lpips = random_lpips if with_lpips else None
+    rec, lp, grad = reconstruction_gradient(x, y, lpips, kind="l1", weight=0.7, lpips_weight=0.3,
+                                            lpips_chunk_pixels=2 * 16 * 24, share=0.5)
+    want_rec = 0.5 * reconstruction_loss(x, y, "l1")
+    want_lp = 0.5 * random_lpips(x, y) if with_lpips else torch.zeros(())
+    (want_grad,) = torch.autograd.grad(0.7 * want_rec + 0.3 * want_lp, y)
+    torch.testing.assert_close(rec, want_rec.detach())
+    torch.testing.assert_close(lp, want_lp.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max().item())
+    assert y.grad is None and not grad.requires_grad

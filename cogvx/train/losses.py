@@ -12,7 +12,7 @@ at a time so each can be logged):
     d     = discriminator_loss(D(x), D(x_rec.detach()), kind) + w_gp · gradient_penalty(D, x)
 
 The trainer takes loss's gradient with each head (LPIPS, the discriminator) back-propagated once:
-`output_gradient`, `last_layer_gradient`, `weight_from_gradients`, `LPIPS.value_and_gradient`.
+`reconstruction_gradient` (L2 + LPIPS), `output_gradient`, `last_layer_gradient`, `weight_from_gradients`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["reconstruction_loss", "kl_loss", "LPIPS", "Discriminator3D", "discriminator_loss",
-           "generator_loss", "adaptive_weight", "weight_from_gradients", "output_gradient", "last_layer_gradient",
+           "generator_loss", "adaptive_weight", "weight_from_gradients", "output_gradient", "reconstruction_gradient",
+           "last_layer_gradient",
            "gradient_penalty", "velocity", "v_prediction_loss"]
 
 GAN_KINDS = ("hinge", "non_saturating")
@@ -299,6 +300,23 @@ def output_gradient(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     then starts from the sum of its heads' output gradients (`torch.autograd.backward(output, grad)`),
     which runs each head's backward once where `adaptive_weight` + `loss.backward()` run it twice."""
     return torch.autograd.grad(loss, output)[0]
+
+
+def reconstruction_gradient(x: torch.Tensor, x_rec: torch.Tensor, lpips: "LPIPS | None", *, kind: str = "l2",
+                            weight: float = 1.0, lpips_weight: float = 0.0, lpips_chunk_pixels: int = 0,
+                            share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VAE loss's reconstruction head back-propagated once to x_rec: (share · rec, share · LPIPS,
+    ∂(weight · share · rec + lpips_weight · share · LPIPS)/∂x_rec), LPIPS on chunks of frames of at most
+    `lpips_chunk_pixels` pixels (`LPIPS.value_and_gradient`; `lpips` None: no LPIPS term, a zero).
+    `share`: this rank's part of a loss the ranks split (context parallelism), else 1."""
+    rec_loss = share * reconstruction_loss(x, x_rec.float(), kind)
+    grad = output_gradient(weight * rec_loss, x_rec)
+    lp = x_rec.new_zeros(())
+    if lpips is not None:  # a few frames at a time: LPIPS's VGG graph is a step's largest
+        lp, grad_lp = lpips.value_and_gradient(x, x_rec.float(), lpips_chunk_pixels)
+        lp = share * lp
+        grad += (share * lpips_weight) * grad_lp.to(grad.dtype)
+    return rec_loss, lp, grad
 
 
 def last_layer_gradient(output: torch.Tensor, grad_output: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
     Returns {"step", "checkpoint", "last": the last logged row, "validation": the last scores}."""
     from .data import Batches, make_dataset, split_validation
     from .losses import (LPIPS, Discriminator3D, discriminator_loss, generator_loss, gradient_penalty, kl_loss,
-                         output_gradient, reconstruction_loss)
+                         output_gradient, reconstruction_gradient)
 
     c_model, c_data, c_loss, c_disc, c_optim, c_train = (config.model, config.data, config.loss, config.discriminator,
                                                          config.optim, config.train)
@@ -295,16 +295,12 @@ def train_vae(config, out_dir: str | Path | None = None, resume: bool = False) -
                 with sync:
                     with autocast:
                         video, rec, posterior, share = encode_decode(video, noise)
-                        rec_loss = share * reconstruction_loss(video, rec.float(), c_loss.reconstruction)
                         kl = kl_loss(posterior)  # a sum over latent elements: each rank's part adds up under CP
                         # each head is back-propagated once, to the reconstruction, and its graph freed
-                        grad_rec = output_gradient(c_loss.reconstruction_weight * rec_loss, rec)
-                        lp = rec.new_zeros(())
-                        if lpips is not None:  # LPIPS a few frames at a time: its VGG graph is the largest
-                            lp, grad_lp = lpips.value_and_gradient(video, rec.float(), c_loss.lpips_chunk_pixels)
-                            lp = share * lp
-                            grad_rec += (share * c_loss.lpips_weight) * grad_lp.to(grad_rec.dtype)
-                            del grad_lp
+                        rec_loss, lp, grad_rec = reconstruction_gradient(
+                            video, rec, lpips, kind=c_loss.reconstruction, weight=c_loss.reconstruction_weight,
+                            lpips_weight=c_loss.lpips_weight, lpips_chunk_pixels=c_loss.lpips_chunk_pixels,
+                            share=share)
                         gan = weight = rec.new_zeros(())
                         if gan_on:
                             # (context parallel: the discriminator judges this rank's frames only)
